@@ -1,0 +1,446 @@
+"""
+milora.py: MiLoRA, PiSSA, LoRA and MiSS adapters for any PyTorch model, in one file.
+
+MiLoRA (Wang et al., NAACL 2025) splits each target weight by SVD, W = U Σ Vᵀ, keeps the principal part
+frozen and trains only the r *smallest* singular triplets, B = U_m √Σ_m and A = √Σ_m V_mᵀ. At step 0 the model
+is unchanged; learning starts in the subspace the pretrained weight uses least, so it forgets less. PiSSA is the
+same with the r *largest* triplets, LoRA starts from a random A and B = 0, and MiSS trains one zero-initialised
+r×out matrix shared by the input's r-sized shards.
+
+Read top to bottom, small to large:
+  1. svd_split            the exact minor/principal split, faster than a full SVD
+  2. LoraLinear, MissLinear  the two adapter layers
+  3. apply_adapters, merge_adapters, disable_adapters, adapter_state_dict   model patching
+  4. save_adapter, load_adapter   PEFT-format adapters that apply to the untouched base model
+  5. subspace_similarity, amplification_factor   the paper's analyses (appendix A.1, Table 7)
+  6. __main__            a one-minute demo:  python milora.py
+
+Needs torch, safetensors and tqdm; nothing else.
+"""
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+METHODS = ("lora", "pissa", "milora", "miss")
+PARTS = {"pissa": "principal", "milora": "minor", "random": "random"}  # SVD init -> which singular triplets
+PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # MiLoRA paper, Table 10
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# -----------------------------------------------------------------------------
+# 1. SVD splitting
+
+
+def _decomposition_device(weight):
+    """Decompose on a GPU when there is one, even for a CPU model: one layer at a time travels there and back."""
+    if weight.is_cuda or not torch.cuda.is_available():
+        return weight.device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _residual(W, B, A, scale):
+    """W − scale·B@A in one fused kernel. The init and a resumed run both use it, so they agree to the bit."""
+    return torch.addmm(W, B, A, alpha=-scale)
+
+
+@torch.no_grad()
+def svd_split(weight, r, part="minor", scale=1.0, generator=None):
+    """Split W (out×in) into B (out×r), A (r×in) and residual = W − scale·B@A, all float32.
+
+    B = U_r·√(S_r/scale) and A = √(S_r/scale)·V_rᵀ are true singular factors of W for r of its triplets:
+    part="minor" takes the r smallest (MiLoRA), "principal" the r largest (PiSSA), "random" r random ones (the
+    paper's Table 6 ablation). Dividing S by scale = α/r, as PEFT does, keeps W = residual + scale·B@A for any α.
+
+    A full SVD is not needed: the eigenvectors of the smaller Gram matrix (W Wᵀ or WᵀW) are W's singular vectors
+    on that side, and eigh is ~3× cheaper than svd. Randomised SVD can't help, as it only finds the top triplets.
+    """
+    if part not in ("minor", "principal", "random"):
+        raise ValueError(f"part must be 'minor', 'principal' or 'random', got {part!r}")
+    W = weight.detach().to(_decomposition_device(weight), torch.float32)  # float32 whatever the weight's dtype
+    m = min(W.shape)
+    if not 1 <= r < m:
+        raise ValueError(f"r must satisfy 1 <= r < min(out, in) = {m} for a weight of shape {tuple(W.shape)}, got {r}")
+    tall = W.shape[0] > W.shape[1]
+    Wm = W.T if tall else W  # m×n, m ≤ n: the SVD of Wᵀ is the SVD of W with U and V swapped
+    Q = torch.linalg.eigh(Wm @ Wm.T).eigenvectors  # m×m, columns by ascending σ²
+    if part == "minor":
+        Q = Q[:, :r]
+    elif part == "principal":
+        Q = Q[:, m - r:]
+    else:
+        Q = Q[:, torch.randperm(m, generator=generator)[:r].sort().values.to(Q.device)]
+    # Project onto the chosen r-dim subspace and take the exact SVD of that r×n matrix: it rotates Q into singular
+    # vectors and reads the singular values off W itself, not off σ² (which would square tiny σ away). Via QR of
+    # its transpose the SVD is only r×r, ~4× faster than LAPACK's direct route at these shapes.
+    Qn, R = torch.linalg.qr(Wm.T @ Q)  # (n×r) = (n×r)(r×r), so Qᵀ Wm = Rᵀ Qnᵀ
+    Ur, S, Vr = torch.linalg.svd(R.T)  # r×r each
+    U, Vh = Q @ Ur, Vr @ Qn.T  # m×r, r×n
+    if tall:
+        U, Vh = Vh.T, U.T  # out×r, r×in
+    # An eigensolver may return any sign per vector; fix it (largest |entry| of each u positive, as sklearn's
+    # svd_flip) so every run, device and rank gets the same factors.
+    sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()  # 1×r
+    U, Vh = U * sign, Vh * sign.T
+    sqrt_s = (S / scale).sqrt()  # r
+    B = U * sqrt_s  # out×r
+    A = sqrt_s[:, None] * Vh  # r×in
+    return B, A, _residual(W, B, A, scale)
+
+
+# -----------------------------------------------------------------------------
+# 2. Adapter layers
+
+
+def _add_matmul(y, h, M, alpha=1.0):
+    """y + alpha·h@M, fused into the GEMM when dtypes allow (saves a pass over y), else computed in h's dtype."""
+    if y.dtype == h.dtype:
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), M, alpha=alpha).view_as(y)
+    return y + (alpha * (h @ M)).to(y.dtype)
+
+
+class LoraLinear(nn.Module):
+    """y = W x + (α/r)·B A dropout(x); W is frozen, and for the SVD inits it is the residual W₀ − (α/r)·B₀A₀."""
+
+    def __init__(self, base: nn.Linear, r, alpha, dropout=0.0, init="lora"):
+        super().__init__()
+        if init not in ("lora", "pissa", "milora", "random"):
+            raise ValueError(f"init must be 'lora', 'pissa', 'milora' or 'random', got {init!r}")
+        self.base_layer, self.r, self.alpha, self.scaling, self.init = base, r, alpha, alpha / r, init
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        out_f, in_f = base.weight.shape
+        # Adapters train in float32 whatever the base dtype, as PEFT does by default.
+        kw = dict(device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, **kw))  # r×in
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))  # out×r
+        self.disabled = False
+
+    @torch.no_grad()
+    def initialize(self, state=None, generator=None):
+        """Fill A and B: from `state` (an adapter_state_dict slice) if given, else by the layer's init."""
+        W = self.base_layer.weight
+        if self.init == "lora":
+            if state is None:  # A as nn.Linear's default init (as PEFT and loralib), B = 0
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            else:
+                self.lora_A.copy_(state["lora_A"]), self.lora_B.copy_(state["lora_B"])
+            return
+        if state is None:
+            B0, A0, residual = svd_split(W, self.r, PARTS[self.init], self.scaling, generator)
+        else:  # resume: rebuild the residual from the saved factors, with the same kernel as svd_split
+            B0, A0 = (state[k].to(_decomposition_device(W), torch.float32) for k in ("lora_B0", "lora_A0"))
+            residual = _residual(W.to(B0.device, torch.float32), B0, A0, self.scaling)
+        W.copy_(residual)  # in place and in W's own dtype: no second copy of the weight
+        # B0, A0 are kept so that save_adapter can express the trained ΔW = BA − B0A0 for the untouched base.
+        self.register_buffer("lora_B0", B0.to(W.device))
+        self.register_buffer("lora_A0", A0.to(W.device))
+        self.lora_B.copy_(B0 if state is None else state["lora_B"])
+        self.lora_A.copy_(A0 if state is None else state["lora_A"])
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        if self.disabled:
+            return y
+        h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
+        return _add_matmul(y, h, self.lora_B.T, self.scaling)  # (..., out)
+
+    def delta_weight(self):
+        return self.scaling * (self.lora_B @ self.lora_A)  # out×in
+
+
+class MissLinear(nn.Module):
+    """y = W x + Dᵀ·Σₖ xₖ, where xₖ are the input's r-sized shards (zero-padded) and D (r×out) starts at 0."""
+
+    def __init__(self, base: nn.Linear, r, dropout=0.0):
+        super().__init__()
+        self.base_layer, self.r = base, r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        out_f = base.weight.shape[0]
+        self.miss_block = nn.Parameter(torch.zeros(r, out_f, device=base.weight.device, dtype=torch.float32))
+        self.disabled = False
+
+    @torch.no_grad()
+    def initialize(self, state=None, generator=None):
+        if state is not None:
+            self.miss_block.copy_(state["miss_block"])
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        if self.disabled:
+            return y
+        x = self.dropout(x.to(self.miss_block.dtype))
+        pad = -x.shape[-1] % self.r  # like PEFT: pad in_features up to a multiple of r
+        if pad:
+            x = F.pad(x, (0, pad))
+        shard_sum = x.unflatten(-1, (-1, self.r)).sum(-2)  # (..., in/r, r) -> (..., r)
+        return _add_matmul(y, shard_sum, self.miss_block)  # (..., out)
+
+    def delta_weight(self):
+        # Column j of the input is summed into shard slot j mod r, so ΔW[o, j] = D[j mod r, o].
+        in_f = self.base_layer.weight.shape[1]
+        return self.miss_block.T.repeat(1, -(-in_f // self.r))[:, :in_f]  # out×in
+
+
+ADAPTER_LAYERS = (LoraLinear, MissLinear)
+ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_A0", "lora_B0", "miss_block")
+
+# -----------------------------------------------------------------------------
+# 3. Model patching
+
+
+def _matches(name, targets):
+    """PEFT's rule: a string is a regex on the full module name, a list matches names or name suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def adapter_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)]
+
+
+def _find_targets(model, method, r, target_modules, init_state):
+    """Every check runs here, before anything changes, so a bad call leaves the model exactly as it was."""
+    if adapter_layers(model):
+        raise ValueError("model already has adapters: merge_adapters() it first, or start from a fresh model")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    targets = [(n, m) for n, m in linears.items() if _matches(n, target_modules)]
+    if not targets:
+        have = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ValueError(f"target_modules {target_modules!r} match no nn.Linear in the model; its linear layers "
+                         f"are named: {', '.join(have) or '(none)'}")
+    for name, mod in targets:
+        W = mod.weight
+        if W.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: weight dtype {W.dtype} is not a plain float; quantized or integer weights "
+                            f"are not supported (apply adapters before quantizing)")
+        if not r < min(W.shape):
+            raise ValueError(f"r={r} is too large for {name} (weight {W.shape[0]}×{W.shape[1]}): "
+                             f"r must be < min(out, in) = {min(W.shape)}")
+        if not torch.isfinite(W).all():
+            raise ValueError(f"{name}: weight contains NaN or Inf")
+    if init_state is not None:
+        _check_state(targets, method, r, init_state)
+    return targets
+
+
+def _make_layer(mod, method, r, alpha, dropout):
+    if method == "miss":
+        return MissLinear(mod, r, dropout)
+    return LoraLinear(mod, r, alpha, dropout, init=method)
+
+
+def _check_state(targets, method, r, state):
+    """Name the first key or shape in `state` that doesn't fit the adapters these targets will get."""
+    want = {}
+    for name, mod in targets:
+        out_f, in_f = mod.weight.shape
+        shapes = {"miss_block": (r, out_f)} if method == "miss" else {"lora_A": (r, in_f), "lora_B": (out_f, r)}
+        if method in PARTS:  # the SVD inits also restore their factors, to rebuild the residual
+            shapes.update(lora_A0=(r, in_f), lora_B0=(out_f, r))
+        want.update({f"{name}.{k}": s for k, s in shapes.items()})
+    for key, shape in want.items():
+        if key not in state:
+            raise ValueError(f"adapter has no tensor for {key} (the model expects one of shape {tuple(shape)})")
+        if tuple(state[key].shape) != tuple(shape):
+            raise ValueError(f"{key}: adapter shape {tuple(state[key].shape)} does not fit the model's "
+                             f"{tuple(shape)}")
+    for key in state:
+        if key not in want:
+            raise ValueError(f"adapter tensor {key} matches no target module of this model")
+
+
+def apply_adapters(model, method="milora", r=64, alpha=None, dropout=0.0, target_modules=PAPER_TARGETS,
+                   init_state=None):
+    """Wrap every nn.Linear named in target_modules with an adapter, in place; only adapters stay trainable.
+
+    method: "lora" (random A, B = 0), "pissa" (top-r SVD), "milora" (bottom-r SVD) or "miss".
+    alpha: LoRA-family scale numerator; scaling = alpha/r. Defaults as in the paper: 2r for LoRA, r for PiSSA
+        and MiLoRA (scaling 1). MiSS has no alpha.
+    init_state: an adapter_state_dict() of an earlier run with the same settings. Its tensors are restored and the
+        residual is rebuilt from its saved SVD factors instead of a new SVD, so a resumed run is exact.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if method == "miss" and alpha is not None:
+        raise ValueError("MiSS has no alpha; leave alpha=None")
+    alpha = alpha if alpha is not None else (2 * r if method == "lora" else r)
+    targets = _find_targets(model, method, r, target_modules, init_state)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)  # the "random" init picks the same triplets on every run
+    for name, mod in tqdm(targets, desc=f"{method} init", unit="layer", leave=False):
+        layer = _make_layer(mod, method, r, alpha, dropout).train(mod.training)  # an eval model stays in eval
+        state = None if init_state is None else \
+            {k: init_state[f"{name}.{k}"] for k in ADAPTER_TENSORS if f"{name}.{k}" in init_state}
+        layer.initialize(state, generator)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    return model
+
+
+@torch.no_grad()
+def merge_adapters(model):
+    """Fold every adapter into its weight and put the plain nn.Linear back. Merging a merged model is a no-op."""
+    for name, layer in adapter_layers(model):
+        W = layer.base_layer.weight
+        W.copy_(W.float() + layer.delta_weight().to(W.device))  # add in float32, store in W's dtype
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base_layer)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model):
+    """Inside this block every adapter layer returns its frozen base only (the untouched model for loaded adapters)."""
+    layers = [m for _, m in adapter_layers(model)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
+
+
+def adapter_state_dict(model):
+    """Every adapter tensor, trainable or saved init factor, keyed by module path: what a checkpoint must keep."""
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ADAPTER_TENSORS}
+
+
+# -----------------------------------------------------------------------------
+# 4. PEFT-format adapters: safetensors + JSON, never pickle
+
+CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+
+
+def save_adapter(model, path):
+    """Write a PEFT adapter directory that applies to the original, untouched base model.
+
+    PiSSA and MiLoRA trained on the residual W₀ − B₀A₀, so for the untouched W₀ their update is
+    ΔW = BA − B₀A₀ = [B | −B₀]·[A ; A₀]: a plain LoRA of rank 2r, saved with α doubled to keep α/r (PEFT's
+    conversion). Nobody then has to ship the residual model.
+    """
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("model has no adapters to save")
+    first = layers[0][1]
+    tensors = {}
+    for name, m in layers:
+        if isinstance(m, MissLinear):
+            tensors[f"{PREFIX}{name}.miss_block"] = m.miss_block
+        elif hasattr(m, "lora_A0"):
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = torch.cat([m.lora_A, m.lora_A0], 0)  # 2r×in
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = torch.cat([m.lora_B, -m.lora_B0], 1)  # out×2r
+        else:
+            tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_A, m.lora_B
+    common = dict(target_modules=sorted({n.rsplit(".", 1)[-1] for n, _ in layers}), bias="none",
+                  modules_to_save=None, inference_mode=True,
+                  task_type="CAUSAL_LM" if hasattr(model, "generate") else None,
+                  base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None))
+    p = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    if isinstance(first, MissLinear):
+        config = dict(peft_type="MISS", r=first.r, miss_dropout=p, init_weights=True, mini_r=1, **common)
+    else:
+        k = 2 if hasattr(first, "lora_A0") else 1
+        config = dict(peft_type="LORA", r=k * first.r, lora_alpha=k * first.alpha, lora_dropout=p,
+                      init_lora_weights=True, use_rslora=False, use_dora=False, fan_in_fan_out=False, **common)
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(path, WEIGHTS),
+              metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_adapter(model, path):
+    """Load a PEFT LoRA or MiSS adapter directory (ours or PEFT's) onto an untouched base model, in place."""
+    files = [os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)]
+    if not all(os.path.isfile(f) for f in files):
+        raise FileNotFoundError(f"{path} is not an adapter directory: it needs {CONFIG} and {WEIGHTS}")
+    with open(files[0]) as f:
+        cfg = json.load(f)
+    kind = cfg.get("peft_type")
+    unsupported = {"use_dora": True, "fan_in_fan_out": True, "rank_pattern": True, "alpha_pattern": True,
+                   "modules_to_save": True, "layers_to_transform": True}
+    bad = [k for k in unsupported if cfg.get(k)] + (["bias"] if cfg.get("bias", "none") != "none" else [])
+    if kind == "MISS" and cfg.get("init_weights", True) is not True:
+        bad.append("init_weights")  # the "bat" and "mini" variants
+    if kind not in ("LORA", "MISS") or bad:
+        raise ValueError(f"{files[0]}: only plain LoRA and MiSS adapters load here (peft_type={kind!r}, "
+                         f"unsupported options: {', '.join(bad) or 'none'})")
+    # PEFT keys read base_model.model.<module>.lora_A.weight; ours are <module>.lora_A.
+    state = {k.removeprefix(PREFIX).removesuffix(".weight"): v for k, v in load_file(files[1]).items()}
+    r = cfg["r"]
+    if kind == "MISS":
+        return apply_adapters(model, "miss", r, None, cfg.get("miss_dropout", 0.0), cfg["target_modules"], state)
+    alpha = cfg.get("lora_alpha", 8)
+    if cfg.get("use_rslora"):
+        alpha *= math.sqrt(r)  # rsLoRA scales by α/√r; α·√r / r says the same in our α/r
+    return apply_adapters(model, "lora", r, alpha, cfg.get("lora_dropout", 0.0), cfg["target_modules"], state)
+
+
+# -----------------------------------------------------------------------------
+# 5. The paper's analyses
+
+
+def subspace_similarity(U1, U2):
+    """φ = ‖U1ᵀU2‖²_F / r for column-orthonormal d×r bases (appendix A.1): 1 = the same subspace, 0 = orthogonal."""
+    return ((U1.double().T @ U2.double()).square().sum() / min(U1.shape[1], U2.shape[1])).item()
+
+
+def amplification_factor(delta_w, w, r):
+    """‖UᵀΔW V‖_F / ‖UᵀW V‖_F, U and V the top-r singular vectors of ΔW (Table 7): how much ΔW amplifies
+    directions that W itself barely uses."""
+    U, S, Vh = torch.linalg.svd(delta_w.double(), full_matrices=False)
+    return (S[:r].norm() / (U[:, :r].T @ w.double() @ Vh[:r].T).norm()).item()  # ‖UᵀΔW V‖_F = ‖S_r‖
+
+
+# -----------------------------------------------------------------------------
+# 6. Demo: python milora.py
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    d, ff, layers, r = 512, 1536, 4, 64
+
+    class Block(nn.Module):  # the five linear maps the paper adapts, in a toy residual MLP
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d // 4), nn.Linear(d, d // 4)
+            self.up_proj, self.down_proj = nn.Linear(d, ff), nn.Linear(ff, d)
+
+        def forward(self, x):
+            x = x + self.down_proj(F.silu(self.up_proj(x)))
+            return x + self.q_proj(x) + F.pad(self.k_proj(x) * self.v_proj(x), (0, d - d // 4))
+
+    base = nn.Sequential(*[Block() for _ in range(layers)])
+    x = torch.randn(8, d)
+    with torch.no_grad():
+        y0 = base(x)
+    t = time.perf_counter()
+    for m in base.modules():
+        if isinstance(m, nn.Linear):
+            torch.linalg.svd(m.weight.detach(), full_matrices=False)
+    t_svd = time.perf_counter() - t
+    print(f"{layers} blocks, r={r}; full torch.linalg.svd of every target: {t_svd:.2f}s")
+    print(f"{'method':8} {'init s':>7} {'vs SVD':>7} {'max |Δy|/|y|':>13} {'trainable':>10} {'of total':>9}")
+    for method in METHODS:
+        model = copy.deepcopy(base)
+        t = time.perf_counter()
+        apply_adapters(model, method, r=r)
+        t_init = time.perf_counter() - t
+        with torch.no_grad():
+            err = ((model(x) - y0).abs().max() / y0.abs().max()).item()
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        print(f"{method:8} {t_init:7.2f} {t_svd / t_init:6.1f}x {err:13.1e} {n_train:10,} {n_train / n_all:8.1%}")
