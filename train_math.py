@@ -1,0 +1,282 @@
+"""
+Finetune a causal LM on MetaMathQA with LoRA, PiSSA, MiLoRA or MiSS: the paper's math experiment.
+
+One GPU, many GPUs (torchrun), or offline on a CPU with a built-in toy model and toy data:
+
+    python train_math.py --model tiny --data toy                  # offline, ~2 min on a laptop CPU
+    python train_math.py --method milora                          # SmolLM2-360M on meta-math/MetaMathQA
+    torchrun --nproc_per_node 8 train_math.py --model meta-llama/Llama-2-7b-hf --per_device_batch_size 2
+    python train_math.py --model "$PKG" --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --data toy --max_steps 20
+    python train_math.py ... --resume                             # continue a killed run from its last checkpoint
+
+Defaults are the paper's (Table 10): r 64, alpha 128 for LoRA and 64 for PiSSA/MiLoRA, dropout 0.05,
+AdamW 3e-4, linear schedule, 100 warm-up steps, global batch 16, 3 epochs, targets q, k, v, up, down.
+Outputs in --output_dir: adapter/ (PEFT format, for the untouched base), args.json, merged/ with --merge.
+This file also holds what eval_gsm8k.py shares: prompts, the tiny model, the toy data, the loaders.
+"""
+import argparse, functools, glob, json, os, random, string, sys, time, zlib
+
+import torch
+from datasets import Dataset, load_dataset
+from safetensors.torch import load_file, save_file
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast, Trainer, TrainingArguments)
+
+import milora
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-360M"
+PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+          "the request.\n\n### Instruction:\n{query}\n\n### Response:")
+EVAL_PROMPT = PROMPT + " Let's think step by step."  # MetaMath's eval prompt
+ADAPTER_STATE = "adapter_state.safetensors"  # what a checkpoint keeps of the model
+
+# -----------------------------------------------------------------------------
+# the tiny offline model: a random Llama with a character tokenizer, identical on every call
+
+
+def build_tiny():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    chars = sorted(set(string.printable) - set("\r\x0b\x0c"))
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + chars)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every char a token
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # BOS, as Llama
+    tk.decoder = decoders.Fuse()  # join characters without spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    # hidden 160: the default r = 64 fits every target (k/v project to 160 too, with 4 KV heads)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=160, intermediate_size=320, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    with torch.random.fork_rng(devices=[]):  # deterministic weights, and the caller's RNG is left alone
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    return model, tok
+
+
+def save_tiny(path):
+    """Write the tiny model and tokenizer as a local checkpoint (what the tests pass as --model)."""
+    model, tok = build_tiny()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def load_model(name, gguf_file=None, **kw):
+    """-> (model, tokenizer) for 'tiny', a local dir or a hub id; the tokenizer always has a pad token."""
+    if name == "tiny":
+        model, tok = build_tiny()
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, **kw)
+        except OSError as e:
+            hint = "" if os.path.isdir(name) else ("\nNo such local directory; as a hub id it needs the hub, which is "
+                                                   "unreachable offline. Give a local directory, or --model tiny.")
+            sys.exit(f"could not load model {name!r}{f' (gguf_file {gguf_file})' if gguf_file else ''}: {e}{hint}")
+        if gguf_file:  # GGUF weights arrive dequantized to plain float tensors, but the model stays flagged as
+            model.hf_quantizer.remove_quantization_config(model)  # quantized, and Trainer refuses to train that
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+# -----------------------------------------------------------------------------
+# toy data: synthetic arithmetic word problems in the MetaMathQA schema
+
+NAMES = ["Tom", "Ana", "Raj", "Mia", "Ben", "Zoe", "Sam", "Ivy", "Leo", "Kim"]
+ITEMS = ["apple", "pencil", "card", "book", "marble", "cookie", "sticker", "shell"]
+
+
+TOY_KINDS = {  # question and working; numbers a and b, their sum s and product p; the working ends in the answer
+    "add": ("{name} has {a} {item}s and buys {b} more. How many {item}s does {name} have now?", "{a} + {b} = {s}"),
+    "sub": ("{name} had {s} {item}s and gave {b} away. How many {item}s are left?", "{s} - {b} = {a}"),
+    "mul": ("{name} buys {a} bags with {b} {item}s in each bag. How many {item}s is that?", "{a} * {b} = {p}"),
+    "div": ("{name} shares {p} {item}s equally among {b} friends. How many {item}s does each get?", "{p} / {b} = {a}"),
+}
+
+
+def toy_problem(rng):
+    kind, a, b = rng.choice(sorted(TOY_KINDS)), rng.randint(2, 20), rng.randint(2, 9)
+    v = dict(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b, s=a + b, p=a * b)
+    q, working = (t.format(**v) for t in TOY_KINDS[kind])
+    # Starting with "Let's think step by step." makes the eval prompt an exact prefix of the training text.
+    response = f" Let's think step by step. {working}.\nThe answer is: {working.rsplit(' ', 1)[1]}"
+    return {"query": q, "response": response, "type": f"TOY_{kind}", "original_question": q}
+
+
+def toy_data(split, n=None):
+    """Deterministic toy rows; a question goes to 'test' iff its CRC32 % 5 == 0, so the splits are disjoint."""
+    n = n or (2000 if split == "train" else 200)
+    rng, seen, rows = random.Random(1234), set(), []
+    while len(rows) < n:
+        row = toy_problem(rng)
+        if row["query"] not in seen and (zlib.crc32(row["query"].encode()) % 5 == 0) == (split == "test"):
+            seen.add(row["query"])
+            rows.append(row)
+    return rows
+
+
+def gsm8k_view(row):
+    """A MetaMathQA-schema row as GSM8K (question, answer ending '#### N')."""
+    body, _, n = row["response"].rpartition("\nThe answer is: ")
+    return {"question": row["query"], "answer": f"{body.strip()}\n#### {n}"}
+
+
+def load_data(data, split, fields, limit=None):
+    """-> Dataset with `fields`, from 'toy', a local .json/.jsonl/.parquet file, or a hub id ('id' or 'id:config')."""
+    if data == "toy":
+        rows = toy_data(split)
+        ds = Dataset.from_list(rows if "query" in fields else [gsm8k_view(r) for r in rows])
+    elif os.path.isfile(data):
+        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(os.path.splitext(data)[1])
+        if builder is None:
+            sys.exit(f"{data}: unsupported file type; use .json, .jsonl or .parquet")
+        ds = load_dataset(builder, data_files=data, split="train")
+    else:
+        name, _, config = data.partition(":")
+        try:
+            ds = load_dataset(name, config or None, split=split)
+        except Exception as e:  # datasets raises several kinds when the hub can't be reached
+            sys.exit(f"could not load dataset {data!r}: {e}\n"
+                     "Offline? Give a local .json/.jsonl/.parquet file, or 'toy'.")
+    missing = [f for f in fields if f not in ds.column_names]
+    if missing:
+        sys.exit(f"{data}: missing field(s) {missing}; it has {ds.column_names}. Expected fields: {list(fields)}.")
+    return ds.select(range(min(limit, len(ds)))) if limit else ds
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def tokenize(row, tok, max_len):
+    prompt = PROMPT.format(query=row["query"])
+    n_prompt = len(tok(prompt)["input_ids"])
+    ids = (tok(prompt + row["response"])["input_ids"] + [tok.eos_token_id])[:max_len]
+    return {"input_ids": ids, "labels": [-100 if i < n_prompt else t for i, t in enumerate(ids)]}  # response only
+
+
+def collate(batch, pad_id):
+    """Dynamic padding: pad to the longest in the batch; padding gets no loss and no attention."""
+    n = max(len(b["input_ids"]) for b in batch)
+    ids, labels = torch.full((len(batch), n), pad_id), torch.full((len(batch), n), -100)
+    mask = torch.zeros(len(batch), n, dtype=torch.long)
+    for i, b in enumerate(batch):
+        k = len(b["input_ids"])
+        ids[i, :k], labels[i, :k], mask[i, :k] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class AdapterTrainer(Trainer):
+    """A checkpoint keeps only the adapter tensors (with the saved SVD factors that rebuild the residual), not the
+    base model; Trainer still saves its optimizer, scheduler, RNG and trainer state beside them."""
+
+    def _save(self, output_dir=None, state_dict=None):
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            state = {k: v.detach().cpu().contiguous().clone() for k, v in milora.adapter_state_dict(self.model).items()}
+            save_file(state, os.path.join(output_dir, ADAPTER_STATE))
+
+    def _load_from_checkpoint(self, checkpoint, model=None):
+        # Nothing to load: main() built the model from this checkpoint's adapter state, before Trainer existed.
+        if not os.path.isfile(os.path.join(checkpoint, ADAPTER_STATE)):
+            raise ValueError(f"{checkpoint} has no {ADAPTER_STATE}")
+
+
+def last_checkpoint(output_dir):
+    """The newest complete checkpoint (trainer_state.json is written last, so a run killed mid-save is skipped)."""
+    done = [d for d in glob.glob(os.path.join(output_dir, "checkpoint-*")) if os.path.isfile(f"{d}/trainer_state.json")]
+    return max(done, key=lambda d: int(d.rsplit("-", 1)[1]), default=None)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="milora", choices=["lora", "pissa", "milora", "miss"])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local dir, or 'tiny' (offline random Llama)")
+    p.add_argument("--gguf_file", help="GGUF file name inside --model (a local dir), loaded through transformers")
+    p.add_argument("--data", default="meta-math/MetaMathQA", help="hub id[:config], .json/.jsonl/.parquet, or 'toy'")
+    p.add_argument("--max_samples", type=int, help="use only the first N training rows")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--alpha", type=float, help="default 2*rank for lora, rank for pissa/milora (unused by miss)")
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup_steps", type=int, default=100, help="linear warm-up (paper: 100; fewer for short runs)")
+    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--max_steps", type=int, default=-1, help="if > 0, overrides --epochs")
+    p.add_argument("--batch_size", type=int, default=16, help="global batch, over all processes and accumulation")
+    p.add_argument("--per_device_batch_size", type=int, help="default: batch_size / world size (no accumulation)")
+    p.add_argument("--max_len", type=int, default=2048, help="truncate training sequences to this many tokens")
+    p.add_argument("--target_modules", default="q_proj,k_proj,v_proj,up_proj,down_proj", help="comma-separated")
+    p.add_argument("--output_dir", default="out-math")
+    p.add_argument("--save_steps", type=int, default=500, help="checkpoint every N steps (the last 2 are kept)")
+    p.add_argument("--logging_steps", type=int, default=10)
+    p.add_argument("--deepspeed", help="DeepSpeed config JSON, e.g. ZeRO-2 as in the paper (needs deepspeed)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-* in --output_dir")
+    p.add_argument("--merge", action="store_true", help="also write output_dir/merged, a full merged model")
+    p.add_argument("--seed", type=int, default=42)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    per_device = args.per_device_batch_size or max(1, args.batch_size // world)
+    if args.batch_size % (per_device * world):
+        sys.exit(f"--batch_size {args.batch_size} is not divisible by {per_device} per device x {world} processes")
+    checkpoint = last_checkpoint(args.output_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        sys.exit(f"--resume: no complete checkpoint-* in {args.output_dir}")
+    cuda = torch.cuda.is_available()
+    training_args = TrainingArguments(  # created first: under torchrun this sets up the process group
+        output_dir=args.output_dir, per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=args.batch_size // (per_device * world), learning_rate=args.lr,
+        lr_scheduler_type="linear", warmup_steps=args.warmup_steps, num_train_epochs=args.epochs,
+        max_steps=args.max_steps, logging_steps=args.logging_steps, save_steps=args.save_steps, save_total_limit=2,
+        bf16=cuda and torch.cuda.is_bf16_supported(), activation_checkpointing=cuda,
+        activation_checkpointing_kwargs={"use_reentrant": False},  # the reentrant kind needs inputs with grads
+        ddp_find_unused_parameters=False, remove_unused_columns=False, dataloader_pin_memory=cuda, report_to="none",
+        deepspeed=args.deepspeed, seed=args.seed)
+    if training_args.should_save:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+
+    ds = load_data(args.data, "train", ("query", "response"), args.max_samples)  # before the slow model load
+    model, tok = load_model(args.model, args.gguf_file)
+    if cuda:  # decompose where it will train: no per-layer trips between CPU and GPU
+        model.to(training_args.device)
+    model.config.use_cache = False
+    # The SVD init runs here, in every process, before Trainer wraps the model. Ranks need not agree bit for bit
+    # (SVD signs, GPU kernels): DDP broadcasts rank 0's parameters and buffers when it wraps, so all end identical.
+    # On --resume, init_state restores the adapter and rebuilds the residual from the saved factors: no new SVD.
+    init_state = load_file(os.path.join(checkpoint, ADAPTER_STATE)) if checkpoint else None
+    torch.manual_seed(args.seed)  # LoRA's random A
+    try:
+        milora.apply_adapters(model, args.method, r=args.rank, alpha=args.alpha, dropout=args.dropout,
+                              target_modules=tuple(args.target_modules.split(",")), init_state=init_state)
+    except ValueError as e:
+        sys.exit(f"cannot apply {args.method} with --rank {args.rank} to {args.model}: {e}")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{args.method}: {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
+
+    with training_args.main_process_first():  # rank 0 tokenizes and caches, the others reuse its cache
+        ds = ds.map(tokenize, fn_kwargs={"tok": tok, "max_len": args.max_len}, remove_columns=ds.column_names)
+        ds = ds.filter(lambda r: any(l != -100 for l in r["labels"]))  # prompt longer than max_len: nothing to learn
+    trainer = AdapterTrainer(model=model, args=training_args, train_dataset=ds,
+                             data_collator=functools.partial(collate, pad_id=tok.pad_token_id))
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if losses:
+        print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f} ({time.time() - t0:.0f} s)")
+
+    if trainer.is_world_process_zero():
+        milora.save_adapter(model, os.path.join(args.output_dir, "adapter"))
+        if args.merge:
+            milora.merge_adapters(model).save_pretrained(os.path.join(args.output_dir, "merged"))
+            tok.save_pretrained(os.path.join(args.output_dir, "merged"))
+        print(f"saved {args.output_dir}/adapter{' and merged/' if args.merge else ''}")
+    return model
+
+
+if __name__ == "__main__":
+    main()
