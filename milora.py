@@ -24,6 +24,7 @@ import math
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
@@ -168,7 +169,7 @@ class MissLinear(nn.Module):
         self.disabled = False
 
     @torch.no_grad()
-    def initialize(self, state=None, generator=None):
+    def initialize(self, state=None):
         if state is not None:
             self.miss_block.copy_(state["miss_block"])
 
@@ -232,6 +233,20 @@ def _find_targets(model, method, r, target_modules, init_state):
     return targets
 
 
+def _for_each(fn, items, parallel, desc):
+    """fn over items with a progress bar. On a CPU, `parallel` runs one item per core, each on one thread: LAPACK's
+    eigh keeps two cores only half busy, so this makes the SVD init ~20% faster than one layer on all cores."""
+    threads = torch.get_num_threads()
+    if not parallel or threads == 1 or torch.cuda.is_available():
+        return [fn(x) for x in tqdm(items, desc=desc, unit="layer", leave=False)]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="layer", leave=False))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _make_layer(mod, method, r, alpha, dropout):
     if method == "miss":
         return MissLinear(mod, r, dropout)
@@ -279,12 +294,18 @@ def apply_adapters(model, method="milora", r=64, alpha=None, dropout=0.0, target
 
     for p in model.parameters():
         p.requires_grad_(False)
-    generator = torch.Generator().manual_seed(0)  # the "random" init picks the same triplets on every run
-    for name, mod in tqdm(targets, desc=f"{method} init", unit="layer", leave=False):
-        layer = _make_layer(mod, method, r, alpha, dropout).train(mod.training)  # an eval model stays in eval
+    layers = [_make_layer(mod, method, r, alpha, dropout).train(mod.training) for _, mod in targets]  # eval stays eval
+
+    def init(i):
+        name = targets[i][0]
         state = None if init_state is None else \
             {k: init_state[f"{name}.{k}"] for k in ADAPTER_TENSORS if f"{name}.{k}" in init_state}
-        layer.initialize(state, generator)
+        layers[i].initialize(state)
+
+    # The SVD inits are pure functions of each weight, so they may run one layer per core (LoRA's A comes from the
+    # global RNG and stays in order).
+    _for_each(init, range(len(targets)), parallel=method in PARTS, desc=f"{method} init")
+    for (name, _), layer in zip(targets, layers):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     return model
