@@ -101,11 +101,11 @@ def svd_split(weight, r, part="minor", scale=1.0, generator=None):
 # 2. Adapter layers
 
 
-def _add_matmul(y, h, M, alpha=1.0):
-    """y + alpha·h@M, fused into the GEMM when dtypes allow (saves a pass over y), else computed in h's dtype."""
+def _add_matmul_(y, h, M, alpha=1.0):
+    """y += alpha·h@M, in place and fused into the GEMM when dtypes allow, else computed in h's dtype."""
     if y.dtype == h.dtype:
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), M, alpha=alpha).view_as(y)
-    return y + (alpha * (h @ M)).to(y.dtype)
+        return y.addmm_(h, M, alpha=alpha)
+    return y.add_((alpha * (h @ M)).to(y.dtype))
 
 
 class LoraLinear(nn.Module):
@@ -147,12 +147,13 @@ class LoraLinear(nn.Module):
         self.lora_A.copy_(A0 if state is None else state["lora_A"])
 
     def forward(self, x):
-        y = self.base_layer(x)
-        if self.disabled:
-            return y
-        h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
-        return _add_matmul(y, h, self.lora_B.T, self.scaling)  # (..., out)
-
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # (tokens, in): 2-D, so that the adapter can add into y in place
+        y = self.base_layer(x)  # (tokens, out); nn.Linear keeps no output for backward, so y may change
+        if not self.disabled:
+            h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (tokens, r)
+            _add_matmul_(y, h, self.lora_B.T, self.scaling)
+        return y.view(*lead, -1)
     def delta_weight(self):
         return self.scaling * (self.lora_B @ self.lora_A)  # out×in
 
@@ -174,15 +175,17 @@ class MissLinear(nn.Module):
             self.miss_block.copy_(state["miss_block"])
 
     def forward(self, x):
-        y = self.base_layer(x)
-        if self.disabled:
-            return y
-        x = self.dropout(x.to(self.miss_block.dtype))
-        pad = -x.shape[-1] % self.r  # like PEFT: pad in_features up to a multiple of r
-        if pad:
-            x = F.pad(x, (0, pad))
-        shard_sum = x.unflatten(-1, (-1, self.r)).sum(-2)  # (..., in/r, r) -> (..., r)
-        return _add_matmul(y, shard_sum, self.miss_block)  # (..., out)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # (tokens, in), as in LoraLinear
+        y = self.base_layer(x)  # (tokens, out)
+        if not self.disabled:
+            x = self.dropout(x.to(self.miss_block.dtype))
+            pad = -x.shape[-1] % self.r  # like PEFT: pad in_features up to a multiple of r
+            if pad:
+                x = F.pad(x, (0, pad))
+            shard_sum = x.view(len(x), -1, self.r).sum(1)  # (tokens, in/r, r) -> (tokens, r)
+            _add_matmul_(y, shard_sum, self.miss_block)
+        return y.view(*lead, -1)
 
     def delta_weight(self):
         # Column j of the input is summed into shard slot j mod r, so ΔW[o, j] = D[j mod r, o].
