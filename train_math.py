@@ -196,7 +196,7 @@ def parse_args(argv):
     p.add_argument("--data", default="meta-math/MetaMathQA", help="hub id[:config], .json/.jsonl/.parquet, or 'toy'")
     p.add_argument("--max_samples", type=int, help="use only the first N training rows")
     p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--alpha", type=float, help="default 2*rank for lora, rank for pissa/milora (unused by miss)")
+    p.add_argument("--alpha", type=float, help="default 2*rank for lora, rank for pissa/milora; miss has no alpha")
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup_steps", type=int, default=100, help="linear warm-up (paper: 100; fewer for short runs)")
