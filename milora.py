@@ -154,6 +154,7 @@ class LoraLinear(nn.Module):
             h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (tokens, r)
             _add_matmul_(y, h, self.lora_B.T, self.scaling)
         return y.view(*lead, -1)
+
     def delta_weight(self):
         return self.scaling * (self.lora_B @ self.lora_A)  # out×in
 
@@ -211,6 +212,26 @@ def adapter_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)]
 
 
+def _check_state(targets, method, r, state):
+    """Name the first key or shape in `state` that doesn't fit the adapters these targets will get."""
+    want = {}
+    for name, mod in targets:
+        out_f, in_f = mod.weight.shape
+        shapes = {"miss_block": (r, out_f)} if method == "miss" else {"lora_A": (r, in_f), "lora_B": (out_f, r)}
+        if method in PARTS:  # the SVD inits also restore their factors, to rebuild the residual
+            shapes.update(lora_A0=(r, in_f), lora_B0=(out_f, r))
+        want.update({f"{name}.{k}": s for k, s in shapes.items()})
+    for key, shape in want.items():
+        if key not in state:
+            raise ValueError(f"adapter has no tensor for {key} (the model expects one of shape {tuple(shape)})")
+        if tuple(state[key].shape) != tuple(shape):
+            raise ValueError(f"{key}: adapter shape {tuple(state[key].shape)} does not fit the model's "
+                             f"{tuple(shape)}")
+    for key in state:
+        if key not in want:
+            raise ValueError(f"adapter tensor {key} matches no target module of this model")
+
+
 def _find_targets(model, method, r, target_modules, init_state):
     """Every check runs here, before anything changes, so a bad call leaves the model exactly as it was."""
     if adapter_layers(model):
@@ -236,6 +257,12 @@ def _find_targets(model, method, r, target_modules, init_state):
     return targets
 
 
+def _make_layer(mod, method, r, alpha, dropout):
+    if method == "miss":
+        return MissLinear(mod, r, dropout)
+    return LoraLinear(mod, r, alpha, dropout, init=method)
+
+
 def _for_each(fn, items, parallel, desc):
     """fn over items with a progress bar. On a CPU, `parallel` runs one item per core, each on one thread: LAPACK's
     eigh keeps two cores only half busy, so this makes the SVD init ~20% faster than one layer on all cores."""
@@ -248,32 +275,6 @@ def _for_each(fn, items, parallel, desc):
             return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="layer", leave=False))
     finally:
         torch.set_num_threads(threads)
-
-
-def _make_layer(mod, method, r, alpha, dropout):
-    if method == "miss":
-        return MissLinear(mod, r, dropout)
-    return LoraLinear(mod, r, alpha, dropout, init=method)
-
-
-def _check_state(targets, method, r, state):
-    """Name the first key or shape in `state` that doesn't fit the adapters these targets will get."""
-    want = {}
-    for name, mod in targets:
-        out_f, in_f = mod.weight.shape
-        shapes = {"miss_block": (r, out_f)} if method == "miss" else {"lora_A": (r, in_f), "lora_B": (out_f, r)}
-        if method in PARTS:  # the SVD inits also restore their factors, to rebuild the residual
-            shapes.update(lora_A0=(r, in_f), lora_B0=(out_f, r))
-        want.update({f"{name}.{k}": s for k, s in shapes.items()})
-    for key, shape in want.items():
-        if key not in state:
-            raise ValueError(f"adapter has no tensor for {key} (the model expects one of shape {tuple(shape)})")
-        if tuple(state[key].shape) != tuple(shape):
-            raise ValueError(f"{key}: adapter shape {tuple(state[key].shape)} does not fit the model's "
-                             f"{tuple(shape)}")
-    for key in state:
-        if key not in want:
-            raise ValueError(f"adapter tensor {key} matches no target module of this model")
 
 
 def apply_adapters(model, method="milora", r=64, alpha=None, dropout=0.0, target_modules=PAPER_TARGETS,
