@@ -259,21 +259,24 @@ def test_miss_forward_and_merge_equal_peft(r):
         torch.testing.assert_close(ours.state_dict()[k], v, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", METHODS)
-def test_saved_adapter_loads_on_the_untouched_base_in_peft_and_here(method, tmp_path):
+def test_saved_adapter_loads_on_the_untouched_base_in_peft_and_here(method, dtype, tmp_path):
     from peft import PeftModel
-    trained = train_a_little(milora.apply_adapters(tiny_llama(), method, r=R, dropout=0.05))
+    trained = train_a_little(milora.apply_adapters(tiny_llama(dtype), method, r=R, dropout=0.05))
     want = logits(trained, IDS)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -6  # bf16: the trained residual was rounded, W₀ + ΔW is not
     milora.save_adapter(trained, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == ("MISS" if method == "miss" else "LORA")
     if method in ("pissa", "milora"):  # converted to a plain LoRA of rank 2r with α doubled
         assert cfg["r"] == 2 * R and cfg["lora_alpha"] == 2 * R
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in os.listdir(tmp_path))
-    peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
-    assert rel_err(logits(peft_model, IDS), want) < 1e-5
-    ours = milora.load_adapter(tiny_llama(), tmp_path)
-    assert rel_err(logits(ours, IDS), want) < 1e-5
+    peft_model = PeftModel.from_pretrained(tiny_llama(dtype), tmp_path).eval()
+    assert rel_err(logits(peft_model, IDS), want) < tol
+    ours = milora.load_adapter(tiny_llama(dtype), tmp_path)
+    assert rel_err(logits(ours, IDS), want) < tol
+    assert rel_err(logits(ours, IDS), logits(tiny_llama(dtype), IDS)) > 1e-2  # the adapter does change the model
 
 
 def test_rank_2r_adapter_loads_where_2r_exceeds_a_target(tmp_path):
@@ -295,6 +298,19 @@ def test_loads_an_adapter_saved_by_peft(tmp_path):
     theirs.save_pretrained(tmp_path)
     ours = milora.load_adapter(tiny_llama(), tmp_path)
     assert len(milora.adapter_layers(ours)) == 4
+    torch.testing.assert_close(logits(ours, IDS), logits(theirs.eval(), IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_loads_a_miss_adapter_saved_by_peft(tmp_path):
+    from peft import MissConfig, get_peft_model
+    theirs = get_peft_model(tiny_llama(), MissConfig(r=12, target_modules=["k_proj", "up_proj"]))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "miss_block" in n:
+                p.normal_(0, 0.05)
+    theirs.save_pretrained(tmp_path)
+    ours = milora.load_adapter(tiny_llama(), tmp_path)
+    assert {type(m) for _, m in milora.adapter_layers(ours)} == {milora.MissLinear}
     torch.testing.assert_close(logits(ours, IDS), logits(theirs.eval(), IDS), atol=1e-5, rtol=1e-5)
 
 
