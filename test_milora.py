@@ -288,29 +288,21 @@ def test_rank_2r_adapter_loads_where_2r_exceeds_a_target(tmp_path):
     assert rel_err(logits(loaded, IDS), logits(trained, IDS)) < 1e-5
 
 
-def test_loads_an_adapter_saved_by_peft(tmp_path):
-    from peft import LoraConfig, get_peft_model
-    theirs = get_peft_model(tiny_llama(), LoraConfig(r=R, lora_alpha=16, target_modules=["q_proj", "down_proj"]))
-    with torch.no_grad():
+@pytest.mark.parametrize("kind", ["lora", "miss"])
+def test_loads_an_adapter_saved_by_peft(kind, tmp_path):
+    from peft import LoraConfig, MissConfig, get_peft_model
+    targets = ["q_proj", "down_proj"] if kind == "lora" else ["k_proj", "up_proj"]
+    config = LoraConfig(r=R, lora_alpha=16, target_modules=targets) if kind == "lora" else \
+        MissConfig(r=12, target_modules=targets)  # 12 does not divide 64 or 96: PEFT's padding
+    theirs = get_peft_model(tiny_llama(), config)
+    with torch.no_grad():  # PEFT initialises B (LoRA) and D (MiSS) to zero: make the adapter do something
         for n, p in theirs.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    theirs.save_pretrained(tmp_path)
-    ours = milora.load_adapter(tiny_llama(), tmp_path)
-    assert len(milora.adapter_layers(ours)) == 4
-    torch.testing.assert_close(logits(ours, IDS), logits(theirs.eval(), IDS), atol=1e-5, rtol=1e-5)
-
-
-def test_loads_a_miss_adapter_saved_by_peft(tmp_path):
-    from peft import MissConfig, get_peft_model
-    theirs = get_peft_model(tiny_llama(), MissConfig(r=12, target_modules=["k_proj", "up_proj"]))
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "miss_block" in n:
+            if "lora_B" in n or "miss_block" in n:
                 p.normal_(0, 0.05)
     theirs.save_pretrained(tmp_path)
     ours = milora.load_adapter(tiny_llama(), tmp_path)
-    assert {type(m) for _, m in milora.adapter_layers(ours)} == {milora.MissLinear}
+    layer_type = milora.LoraLinear if kind == "lora" else milora.MissLinear
+    assert [type(m) for _, m in milora.adapter_layers(ours)] == [layer_type] * 4
     torch.testing.assert_close(logits(ours, IDS), logits(theirs.eval(), IDS), atol=1e-5, rtol=1e-5)
 
 
