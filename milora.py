@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 METHODS = ("lora", "pissa", "milora", "miss")
-PARTS = {"pissa": "principal", "milora": "minor", "random": "random"}  # SVD init -> which singular triplets
+PARTS = {"pissa": "principal", "milora": "minor", "middle": "middle", "random": "random"}  # SVD init -> triplets
 PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # MiLoRA paper, Table 10
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -53,38 +53,123 @@ def _residual(W, B, A, scale):
     return torch.addmm(W, B, A, alpha=-scale)
 
 
+EPS = torch.finfo(torch.float32).eps
+MARGIN = 16  # Gram eigenvectors taken beyond each end of the chosen ones, so that Rayleigh–Ritz settles near-ties
+MAX_ANGLE = 1e-3  # accept a split when every chosen singular vector is provably within this angle of the true one
+MAX_ITERS = 8  # inverse-iteration steps before giving up and taking a full SVD
+
+
+def _triplet_indices(m, r, part, generator=None):
+    """Which r of the m singular triplets a part takes, as indices into σ sorted descending (torch.linalg.svd's order)."""
+    if part == "principal":
+        return torch.arange(r)
+    if part == "minor":
+        return torch.arange(m - r, m)
+    if part == "middle":  # the official code's "mid" ablation
+        return torch.arange((m - r) // 2, (m - r) // 2 + r)
+    return torch.randperm(m, generator=generator)[:r].sort().values  # "random": the paper's Table 6 ablation
+
+
+def _rayleigh_ritz(Wm, X):
+    """The exact SVD of Wm (m×n) restricted to span(X), X m×k orthonormal: U (m×k), S (k, descending), Vh (k×n).
+
+    The singular values come from Wm itself, not from σ² (which squares tiny σ away). Via QR of XᵀWm's transpose the
+    SVD is only k×k, ~4× faster than LAPACK's direct route at these shapes."""
+    X = torch.linalg.qr(X).Q  # eigh's vectors are orthonormal only to ~√m·eps, which would scale every σ by as much
+    Qn, R = torch.linalg.qr(Wm.T @ X)  # (n×k) = (n×k)(k×k), so XᵀWm = Rᵀ Qnᵀ
+    Ur, S, Vrh = torch.linalg.svd(R.T)  # k×k each
+    return X @ Ur, S, Vrh @ Qn.T
+
+
+def _max_angle(Wm, U, S, Vh, outside):
+    """Bound on the angle between each Ritz vector and the true singular vector (Wedin): ‖Wm v − σu‖ over the distance
+    from σ to the nearest singular value outside the block (`outside`, from the Gram: accurate enough for a gap)."""
+    residual = (Wm @ Vh.T.to(Wm.dtype) - U.to(Wm.dtype) * S.to(Wm.dtype)).norm(dim=0)  # k
+    gap = (S.to(Wm.dtype)[:, None] - outside[None, :]).abs().min(1).values if len(outside) else torch.inf
+    return (residual / gap).max().item()
+
+
+def _inverse_iteration(Wm, X, r, smax, outside):
+    """Refine the r smallest triplets by inverse subspace iteration with R from Wmᵀ = Q_w R, so W Wᵀ = RᵀR.
+
+    Solves with R and Rᵀ never form W Wᵀ, so they don't square the condition number: R is as accurate as a float32
+    SVD (backward stable), and float64 solves let one step amplify the smallest direction 1/σ² times without drowning
+    the others. V comes as Q_w·z from the SVD of Rᵀ, never as Wᵀu/σ (which is noise when σ is tiny)."""
+    m, n = Wm.shape
+    a, tau = torch.geqrf(Wm.T)  # n×m: R in its upper triangle, Q_w as Householder reflectors below
+    a, tau = a.double(), tau.double()
+    R = a[:m].triu()  # m×m
+    pivots = R.diagonal()  # a zero σ gives a zero pivot: lift it to float32's noise level, as a float32 SVD would see
+    pivots.copy_(torch.where(pivots.abs() < EPS * smax, EPS * smax * torch.where(pivots < 0, -1.0, 1.0), pivots))
+    X = X.double()
+    for _ in range(MAX_ITERS):
+        X = torch.linalg.qr(torch.linalg.solve_triangular(R.T, X, upper=False)).Q  # (Rᵀ)⁻¹X, then R⁻¹ of that:
+        X = torch.linalg.qr(torch.linalg.solve_triangular(R, X, upper=True)).Q  # one step with (W Wᵀ)⁻¹
+        Z, S, Ch = torch.linalg.svd(R @ X, full_matrices=False)  # R = Z Σ Uᵀ, so R X = Z Σ (UᵀX): Ritz triplets
+        U, S, Z = X @ Ch[-r:].T, S[-r:], Z[:, -r:]  # the r smallest
+        Vh = torch.ormqr(a, tau, F.pad(Z, (0, 0, 0, n - m))).T  # V = Q_w [Z; 0], r×n
+        if _max_angle(Wm, U, S, Vh, outside) <= MAX_ANGLE:
+            return U.float(), S.float(), Vh.float()
+    return None
+
+
+def _singular_triplets(Wm, idx):
+    """U (m×r), S (r), Vh (r×n): the singular triplets idx of Wm (m ≤ n), as accurate as a float32 SVD's, checked.
+
+    The eigenvectors of the Gram matrix Wm Wmᵀ are Wm's singular vectors, and eigh is ~2–3× cheaper than svd. But in
+    float32 the Gram only resolves σ above ~3e-4·σmax: below that its eigenvectors are a rotated mix (real q_proj and
+    o_proj weights reach 1e-6·σmax). So every split is checked by its residuals, refined by inverse iteration where
+    the check fails on the minor side, and a full SVD is the last resort (also for a failing middle or random pick).
+    Singular values below float32's resolution (2·eps·σmax) come back as exactly 0."""
+    m = Wm.shape[0]
+    lam, Q = torch.linalg.eigh(Wm @ Wm.T)  # ascending
+    sigma, Q = lam.flip(0).clamp_min(0).sqrt(), Q.flip(1)  # σ estimates, descending as idx
+    lo, hi = max(0, int(idx.min()) - MARGIN), min(m, int(idx.max()) + 1 + MARGIN)  # the block: chosen ± MARGIN
+    outside = torch.cat([sigma[lo - 1:lo] if lo else sigma[:0], sigma[hi:hi + 1]])  # its nearest neighbours
+    U, S, Vh = _rayleigh_ritz(Wm, Q[:, lo:hi])
+    pick = idx.to(U.device) - lo
+    U, S, Vh = U[:, pick], S[pick], Vh[pick]
+    if _max_angle(Wm, U, S, Vh, outside) > MAX_ANGLE:
+        refined = None
+        if int(idx[0]) == m - len(idx):  # the r smallest: inverse iteration converges to exactly these
+            refined = _inverse_iteration(Wm, Q[:, lo:], len(idx), sigma[0].item(), outside)
+        if refined is None:  # last resort
+            U, S, Vh = torch.linalg.svd(Wm, full_matrices=False)
+            refined = U[:, idx], S[idx], Vh[idx]
+        U, S, Vh = refined
+    return U, torch.where(S > 2 * EPS * sigma[0], S, 0), Vh
+
+
 @torch.no_grad()
 def svd_split(weight, r, part="minor", scale=1.0, generator=None):
     """Split W (out×in) into B (out×r), A (r×in) and residual = W − scale·B@A, all float32.
 
     B = U_r·√(S_r/scale) and A = √(S_r/scale)·V_rᵀ are true singular factors of W for r of its triplets:
-    part="minor" takes the r smallest (MiLoRA), "principal" the r largest (PiSSA), "random" r random ones (the
-    paper's Table 6 ablation). Dividing S by scale = α/r, as PEFT does, keeps W = residual + scale·B@A for any α.
+    part="minor" takes the r smallest (MiLoRA), "principal" the r largest (PiSSA), "middle" the r from index
+    (m − r) // 2 and "random" r random ones (the paper's ablations). Dividing S by scale = α/r, as PEFT does, keeps
+    W = residual + scale·B@A for any α.
 
-    A full SVD is not needed: the eigenvectors of the smaller Gram matrix (W Wᵀ or WᵀW) are W's singular vectors
-    on that side, and eigh is ~3× cheaper than svd. Randomised SVD can't help, as it only finds the top triplets.
+    Accuracy contract: every returned triplet is as accurate as float32 torch.linalg.svd's (each σ within ~1e-6·σmax,
+    each vector's angle to the true one under 1e-3, checked a posteriori on W itself), at any condition number and
+    scale; singular values below float32's resolution (2·eps·σmax) are returned as exactly 0, so B and A are 0 there.
     """
-    if part not in ("minor", "principal", "random"):
-        raise ValueError(f"part must be 'minor', 'principal' or 'random', got {part!r}")
+    if part not in PARTS.values():
+        raise ValueError(f"part must be one of {', '.join(PARTS.values())}, got {part!r}")
     W = weight.detach().to(_decomposition_device(weight), torch.float32)  # float32 whatever the weight's dtype
     m = min(W.shape)
     if not 1 <= r < m:
         raise ValueError(f"r must satisfy 1 <= r < min(out, in) = {m} for a weight of shape {tuple(W.shape)}, got {r}")
+    idx = _triplet_indices(m, r, part, generator)
     tall = W.shape[0] > W.shape[1]
     Wm = W.T if tall else W  # m×n, m ≤ n: the SVD of Wᵀ is the SVD of W with U and V swapped
-    Q = torch.linalg.eigh(Wm @ Wm.T).eigenvectors  # m×m, columns by ascending σ²
-    if part == "minor":
-        Q = Q[:, :r]
-    elif part == "principal":
-        Q = Q[:, m - r:]
-    else:
-        Q = Q[:, torch.randperm(m, generator=generator)[:r].sort().values.to(Q.device)]
-    # Project onto the chosen r-dim subspace and take the exact SVD of that r×n matrix: it rotates Q into singular
-    # vectors and reads the singular values off W itself, not off σ² (which would square tiny σ away). Via QR of
-    # its transpose the SVD is only r×r, ~4× faster than LAPACK's direct route at these shapes.
-    Qn, R = torch.linalg.qr(Wm.T @ Q)  # (n×r) = (n×r)(r×r), so Qᵀ Wm = Rᵀ Qnᵀ
-    Ur, S, Vr = torch.linalg.svd(R.T)  # r×r each
-    U, Vh = Q @ Ur, Vr @ Qn.T  # m×r, r×n
+    # Scale by a power of two (exact) so that σmax ≈ 1: the Gram then can't overflow or underflow, even at 1e±18.
+    top = Wm.abs().max()
+    if top == 0:
+        B, A = W.new_zeros(W.shape[0], r), W.new_zeros(r, W.shape[1])
+        return B, A, W.clone()
+    step = torch.exp2(-torch.floor(torch.log2(top)))
+    U, S, Vh = _singular_triplets(Wm * step, idx)
+    S = S / step
     if tall:
         U, Vh = Vh.T, U.T  # out×r, r×in
     # An eigensolver may return any sign per vector; fix it (largest |entry| of each u positive, as sklearn's
@@ -113,8 +198,8 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r, alpha, dropout=0.0, init="lora"):
         super().__init__()
-        if init not in ("lora", "pissa", "milora", "random"):
-            raise ValueError(f"init must be 'lora', 'pissa', 'milora' or 'random', got {init!r}")
+        if init != "lora" and init not in PARTS:
+            raise ValueError(f"init must be 'lora' or one of {', '.join(PARTS)}, got {init!r}")
         self.base_layer, self.r, self.alpha, self.scaling, self.init = base, r, alpha, alpha / r, init
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out_f, in_f = base.weight.shape
