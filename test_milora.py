@@ -626,3 +626,117 @@ def test_real_smollm2_gguf_trains_and_evaluates(tmp_path):
     summary = eval_gsm8k.main(gguf + ["--adapter", str(tmp_path / "adapter"), "--data", "toy", "--limit", "2",
                                       "--batch_size", "2", "--max_new_tokens", "4"])
     assert summary["total"] == 2
+
+
+# ----------------------------------------------------------------------------- the scripts on bad input and faults
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Bad input must be refused before the slow model load."""
+    monkeypatch.setattr(train_math, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    monkeypatch.setattr(eval_gsm8k, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "0"], r"--alpha must be a positive number, got 0\.0"),
+    (["--alpha", "-64"], r"--alpha must be a positive number, got -64\.0"),
+    (["--dropout", "1.5"], r"--dropout must be in \[0, 1\), got 1\.5"),
+    (["--dropout", "-0.1"], r"--dropout must be in \[0, 1\), got -0\.1"),
+    (["--rank", "0"], "--rank must be at least 1, got 0"),
+    (["--lr", "0"], r"--lr must be a positive number, got 0\.0"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--warmup_steps", "-1"], "--warmup_steps must be at least 0, got -1"),
+    (["--epochs", "0"], r"--epochs must be a positive number, got 0\.0"),
+    (["--max_steps", "0"], r"--max_steps must be at least 1 \(or -1: train for --epochs\), got 0"),
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--per_device_batch_size", "0"], "--per_device_batch_size must be at least 1, got 0"),
+    (["--max_len", "0"], "--max_len must be at least 1, got 0"),
+    (["--max_samples", "0"], "--max_samples must be at least 1, got 0"),
+    (["--save_steps", "0"], "--save_steps must be at least 1, got 0"),
+    (["--logging_steps", "-1"], "--logging_steps must be at least 1, got -1"),
+    (["--method", "miss", "--alpha", "8"], "--alpha: MiSS has no alpha"),
+    (["--target_modules", ","], "--target_modules is empty"),
+    (["--deepspeed", "no-such-ds.json"], "--deepspeed no-such-ds.json: no such file"),
+])
+def test_train_bad_flags_are_one_line_errors_before_any_work(flags, message, tmp_path, no_model):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=message) as e:
+        train_math.main(["--model", "tiny", "--data", "toy", "--output_dir", str(out)] + flags)
+    assert "\n" not in str(e.value.code)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--limit", "0"], "--limit must be at least 1, got 0"),
+    (["--limit", "-1"], "--limit must be at least 1, got -1"),
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1, got 0"),
+    (["--forgetting", "--adapter", "{tmp}", "--forgetting_tokens", "0"], "--forgetting_tokens must be at least 1"),
+    (["--adapter", "{tmp}/no-such-adapter"], "--adapter .*/no-such-adapter: no such directory"),
+    (["--output", "{tmp}/no-such-dir/out.jsonl"], "--output .*/no-such-dir/out.jsonl: its directory does not exist"),
+])
+def test_eval_bad_flags_are_one_line_errors_before_any_work(flags, message, tmp_path, no_model):
+    with pytest.raises(SystemExit, match=message) as e:
+        eval_gsm8k.main(["--model", "tiny", "--data", "toy"] + [f.format(tmp=tmp_path) for f in flags])
+    assert "\n" not in str(e.value.code)
+
+
+BAD_TRAIN_DATA = [  # (file name, contents, message)
+    ("empty.jsonl", "", "the file is empty"),
+    ("blank.jsonl", "\n\n", "not a valid jsonl file"),
+    ("broken.jsonl", '{"query": "a", "response": "b"}\n{"query": "c", "resp\n', "not a valid jsonl file: JSON parse"),
+    ("null.jsonl", '{"query": "a", "response": "b"}\n{"query": "c", "response": null}\n',
+     "row 2 has response = null; query and response must be text"),
+    ("number.jsonl", '{"query": "a", "response": "b"}\n{"query": 7, "response": "c"}\n',
+     "row 2 has query = 7; query and response must be text"),
+    ("alpaca.json", '[{"instruction": "a", "output": "b"}]', r"missing field\(s\) \['query', 'response'\]"),
+    ("rows.csv", "query,response\na,b\n", "unsupported file type; use .json, .jsonl or .parquet"),
+]
+
+
+@pytest.mark.parametrize("name, text, message", BAD_TRAIN_DATA, ids=[b[0] for b in BAD_TRAIN_DATA])
+def test_bad_training_data_is_a_one_line_error_naming_the_file(name, text, message, tmp_path, no_model):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=f"{re.escape(str(path))}: {message}") as e:
+        train_math.main(["--model", "tiny", "--data", str(path), "--output_dir", str(tmp_path / "out")])
+    assert "\n" not in str(e.value.code)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_file_is_named(tmp_path, no_model):
+    with pytest.raises(SystemExit, match=r"no-such\.jsonl: no such file"):
+        train_math.main(["--model", "tiny", "--data", str(tmp_path / "no-such.jsonl")])
+    with pytest.raises(SystemExit, match=r"no-such\.jsonl: no such file"):
+        eval_gsm8k.main(["--model", "tiny", "--data", str(tmp_path / "no-such.jsonl")])
+
+
+def test_prompts_that_fill_max_len_leave_nothing_to_train_on(tmp_path):
+    with pytest.raises(SystemExit, match="toy: no row left to train on: every prompt fills --max_len 40 tokens"):
+        train_math.main(["--model", "tiny", "--data", "toy", "--max_len", "40", "--output_dir", str(tmp_path)])
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+@pytest.mark.parametrize("answer, message", [
+    ("She has 3 + 4 = 7 apples.\nThe answer is: 7", r"row 2 has no gold answer: its answer must end in "
+                                                    r"'#### <number>', but ends '.*The answer is: 7'"),
+    ("She has 7 apples.\n#### seven", "row 2 has no gold answer"),
+    (None, "row 2 has answer = null; question and answer must be text"),
+])
+def test_eval_data_without_a_gold_answer_names_the_row(answer, message, tmp_path, no_model):
+    path = tmp_path / "gsm.jsonl"
+    rows = [{"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}, {"question": "3 + 4?", "answer": answer}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=message):
+        eval_gsm8k.main(["--model", "tiny", "--data", str(path)])
+
+
+def test_eval_adapter_that_does_not_fit_is_a_one_line_error(tiny_dir, tmp_path):
+    milora.save_adapter(milora.apply_adapters(tiny_llama(), "lora", r=R), tmp_path / "other")  # another model's
+    with pytest.raises(SystemExit, match=r"--adapter .*other: cannot load it onto .*: .*does not fit") as e:
+        eval_gsm8k.main(["--model", tiny_dir, "--adapter", str(tmp_path / "other"), "--data", "toy", "--limit", "1"])
+    assert "\n" not in str(e.value.code)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="empty: cannot load it onto .*needs adapter_config.json"):
+        eval_gsm8k.main(["--model", tiny_dir, "--adapter", str(tmp_path / "empty"), "--data", "toy", "--limit", "1"])

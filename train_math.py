@@ -14,10 +14,10 @@ AdamW 3e-4, linear schedule, 100 warm-up steps, global batch 16, 3 epochs, targe
 Outputs in --output_dir: adapter/ (PEFT format, for the untouched base), args.json, merged/ with --merge.
 This file also holds what eval_gsm8k.py shares: prompts, the tiny model, the toy data, the loaders.
 """
-import argparse, functools, glob, json, os, random, string, sys, time, zlib
+import argparse, functools, glob, json, math, os, random, string, sys, time, zlib
 
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset, Value, load_dataset
 from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast, Trainer, TrainingArguments)
@@ -122,16 +122,47 @@ def gsm8k_view(row):
     return {"question": row["query"], "answer": f"{body.strip()}\n#### {n}"}
 
 
+def one_line(e):
+    """An exception as one line, for an error message (datasets wraps the real cause)."""
+    e = e.__cause__ or e
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+POSITIVE = (lambda v: 0 < v < math.inf, "a positive number")
+
+
+def check_ranges(args, **rules):
+    """Exit with one line naming the first flag whose value breaks its rule, {flag: (test, what it must be)}.
+    A flag left unset (None) passes."""
+    for name, (ok, want) in rules.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            sys.exit(f"--{name} must be {want}, got {value}")
+
+
+DATA_FILES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+OTHER_FILES = (".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip")  # what looks like a file name, not a hub id
+
+
 def load_data(data, split, fields, limit=None):
-    """-> Dataset with `fields`, from 'toy', a local .json/.jsonl/.parquet file, or a hub id ('id' or 'id:config')."""
+    """-> Dataset with `fields`, from 'toy', a local .json/.jsonl/.parquet file, or a hub id ('id' or 'id:config').
+    Every problem (no file, not readable, no rows, a missing field, a value that is not text) ends in one line."""
+    ext = os.path.splitext(data)[1].lower()
     if data == "toy":
         rows = toy_data(split)
         ds = Dataset.from_list(rows if "query" in fields else [gsm8k_view(r) for r in rows])
-    elif os.path.isfile(data):
-        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(os.path.splitext(data)[1])
-        if builder is None:
+    elif os.path.exists(data) or data.startswith((".", "/", "~")) or ext in DATA_FILES or ext in OTHER_FILES:
+        if not os.path.isfile(data):
+            sys.exit(f"{data}: no such file")
+        if ext not in DATA_FILES:
             sys.exit(f"{data}: unsupported file type; use .json, .jsonl or .parquet")
-        ds = load_dataset(builder, data_files=data, split="train")
+        if os.path.getsize(data) == 0:
+            sys.exit(f"{data}: the file is empty")
+        try:
+            ds = load_dataset(DATA_FILES[ext], data_files=data, split="train")
+        except Exception as e:  # a parse error, wrapped by datasets
+            sys.exit(f"{data}: not a valid {ext[1:]} file: {one_line(e)}")
     else:
         name, _, config = data.partition(":")
         try:
@@ -142,7 +173,16 @@ def load_data(data, split, fields, limit=None):
     missing = [f for f in fields if f not in ds.column_names]
     if missing:
         sys.exit(f"{data}: missing field(s) {missing}; it has {ds.column_names}. Expected fields: {list(fields)}.")
-    return ds.select(range(min(limit, len(ds)))) if limit else ds
+    ds = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
+    if len(ds) == 0:
+        sys.exit(f"{data}: no rows")
+    for f in fields:  # a null, or a number among the text: name the first such row (counted from 1)
+        if ds.features[f] != Value("string") or ds.data.column(f).null_count:
+            bad = next(((i, v) for i, v in enumerate(ds[f]) if not isinstance(v, str)), None)
+            if bad:
+                sys.exit(f"{data}: row {bad[0] + 1} has {f} = {json.dumps(bad[1], default=str)}; "
+                         f"{' and '.join(fields)} must be text")
+    return ds
 
 # -----------------------------------------------------------------------------
 # training
@@ -194,7 +234,7 @@ def parse_args(argv):
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local dir, or 'tiny' (offline random Llama)")
     p.add_argument("--gguf_file", help="GGUF file name inside --model (a local dir), loaded through transformers")
     p.add_argument("--data", default="meta-math/MetaMathQA", help="hub id[:config], .json/.jsonl/.parquet, or 'toy'")
-    p.add_argument("--max_samples", type=int, help="use only the first N training rows")
+    p.add_argument("--max_samples", type=int, help="use only the first N training rows (default: all)")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alpha", type=float, help="default 2*rank for lora, rank for pissa/milora; miss has no alpha")
     p.add_argument("--dropout", type=float, default=0.05)
@@ -213,7 +253,21 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-* in --output_dir")
     p.add_argument("--merge", action="store_true", help="also write output_dir/merged, a full merged model")
     p.add_argument("--seed", type=int, default=42)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_ranges(args, rank=AT_LEAST_1, alpha=POSITIVE, dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), lr=POSITIVE,
+                 warmup_steps=(lambda v: v >= 0, "at least 0"), epochs=POSITIVE,
+                 max_steps=(lambda v: v >= 1 or v == -1, "at least 1 (or -1: train for --epochs)"),
+                 batch_size=AT_LEAST_1, per_device_batch_size=AT_LEAST_1, max_len=AT_LEAST_1,
+                 max_samples=AT_LEAST_1, save_steps=AT_LEAST_1, logging_steps=AT_LEAST_1)
+    if args.method == "miss" and args.alpha is not None:
+        sys.exit("--alpha: MiSS has no alpha; leave it out")
+    if not any(t.strip() for t in args.target_modules.split(",")):
+        sys.exit("--target_modules is empty")
+    if args.deepspeed and not os.path.isfile(args.deepspeed):
+        sys.exit(f"--deepspeed {args.deepspeed}: no such file")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        sys.exit(f"--output_dir {args.output_dir}: a file, not a directory")
+    return args
 
 
 def main(argv=None):
@@ -235,16 +289,16 @@ def main(argv=None):
         activation_checkpointing_kwargs={"use_reentrant": False},  # the reentrant kind needs inputs with grads
         ddp_find_unused_parameters=False, remove_unused_columns=False, dataloader_pin_memory=cuda, report_to="none",
         deepspeed=args.deepspeed, seed=args.seed)
-    if training_args.should_save:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-
     ds = load_data(args.data, "train", ("query", "response"), args.max_samples)  # before the slow model load
     model, tok = load_model(args.model, args.gguf_file)
     if cuda:  # decompose where it will train: no per-layer trips between CPU and GPU
         model.to(training_args.device)
     model.config.use_cache = False
+    with training_args.main_process_first():  # rank 0 tokenizes and caches, the others reuse its cache
+        ds = ds.map(tokenize, fn_kwargs={"tok": tok, "max_len": args.max_len}, remove_columns=ds.column_names)
+        ds = ds.filter(lambda r: any(l != -100 for l in r["labels"]))  # prompt longer than max_len: nothing to learn
+    if len(ds) == 0:
+        sys.exit(f"{args.data}: no row left to train on: every prompt fills --max_len {args.max_len} tokens")
     # The SVD init runs here, in every process, before Trainer wraps the model. Ranks need not agree bit for bit
     # (SVD signs, GPU kernels): DDP broadcasts rank 0's parameters and buffers when it wraps, so all end identical.
     # On --resume, init_state restores the adapter and rebuilds the residual from the saved factors: no new SVD.
@@ -253,14 +307,17 @@ def main(argv=None):
     try:
         milora.apply_adapters(model, args.method, r=args.rank, alpha=args.alpha, dropout=args.dropout,
                               target_modules=tuple(args.target_modules.split(",")), init_state=init_state)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         sys.exit(f"cannot apply {args.method} with --rank {args.rank} to {args.model}: {e}")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.method}: {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
 
-    with training_args.main_process_first():  # rank 0 tokenizes and caches, the others reuse its cache
-        ds = ds.map(tokenize, fn_kwargs={"tok": tok, "max_len": args.max_len}, remove_columns=ds.column_names)
-        ds = ds.filter(lambda r: any(l != -100 for l in r["labels"]))  # prompt longer than max_len: nothing to learn
+    if training_args.should_save:  # only now that all is checked
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, "args.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(vars(args), f, indent=2)
+        os.replace(path + ".tmp", path)
     trainer = AdapterTrainer(model=model, args=training_args, train_dataset=ds,
                              data_collator=functools.partial(collate, pad_id=tok.pad_token_id))
     t0 = time.time()
