@@ -502,6 +502,7 @@ def test_resume_reaches_the_uninterrupted_result_without_a_new_svd(trained, tiny
     out, _ = trained
     # A run killed after its step-2 checkpoint leaves exactly this behind.
     shutil.copytree(os.path.join(out, "checkpoint-2"), tmp_path / "checkpoint-2")
+    shutil.copy(os.path.join(out, "args.json"), tmp_path)
     monkeypatch.setattr(milora, "svd_split", lambda *a, **k: pytest.fail("resume recomputed the SVD"))
     train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--resume"] + TRAIN)
     want = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
@@ -658,6 +659,7 @@ def no_model(monkeypatch):
     (["--method", "miss", "--alpha", "8"], "--alpha: MiSS has no alpha"),
     (["--target_modules", ","], "--target_modules is empty"),
     (["--deepspeed", "no-such-ds.json"], "--deepspeed no-such-ds.json: no such file"),
+    (["--resume", "--overwrite"], "give one of them"),
 ])
 def test_train_bad_flags_are_one_line_errors_before_any_work(flags, message, tmp_path, no_model):
     out = tmp_path / "out"
@@ -740,3 +742,103 @@ def test_eval_adapter_that_does_not_fit_is_a_one_line_error(tiny_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="empty: cannot load it onto .*needs adapter_config.json"):
         eval_gsm8k.main(["--model", tiny_dir, "--adapter", str(tmp_path / "empty"), "--data", "toy", "--limit", "1"])
+
+
+def copy_run(src, dst, *names):
+    for n in names:
+        (shutil.copytree if os.path.isdir(os.path.join(src, n)) else shutil.copy)(os.path.join(src, n), dst / n)
+
+
+def test_existing_run_is_refused_and_overwrite_replaces_all_of_it(trained, tiny_dir, tmp_path, capsys):
+    out, _ = trained
+    copy_run(out, tmp_path, "args.json", "adapter", "merged", "checkpoint-2", "checkpoint-4")
+    before = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match=r"already holds a run \(args\.json, adapter, merged, checkpoint-4, "
+                                         r"checkpoint-2\): pass --resume to continue it, or --overwrite to replace it"):
+        train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path)] + TRAIN)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == before  # nothing lost
+    # --overwrite with a shorter run: nothing of the old one may remain, least of all its checkpoint-4.
+    train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--overwrite", "--method", "lora"]
+                    + TRAIN[:4] + ["--max_steps", "2"] + TRAIN[6:])
+    assert "deleting the earlier run in" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "args.json", "checkpoint-2"]
+    assert json.load(open(tmp_path / "args.json"))["method"] == "lora"
+    assert json.load(open(tmp_path / "adapter" / "adapter_config.json"))["r"] == 64  # a LoRA's rank, not 2r
+    assert train_math.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+
+
+def test_resume_refuses_changed_settings_and_names_them(trained, tiny_dir, tmp_path):
+    out, _ = trained
+    copy_run(out, tmp_path, "args.json", "checkpoint-4")
+    saved = (tmp_path / "args.json").read_text()
+    with pytest.raises(SystemExit, match=r"was trained with other settings: --rank 64 -> 16, --alpha None -> 32\.0, "
+                                         r"--target_modules q_proj,k_proj,v_proj,up_proj,down_proj -> q_proj\. "):
+        train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--resume", "--rank", "16", "--alpha",
+                         "32", "--target_modules", "q_proj"] + TRAIN)
+    with pytest.raises(SystemExit, match=f"--method milora -> lora, --model {re.escape(tiny_dir)} -> tiny\\. "):
+        train_math.main(["--model", "tiny", "--method", "lora", "--output_dir", str(tmp_path), "--resume"] + TRAIN)
+    assert (tmp_path / "args.json").read_text() == saved
+    with pytest.raises(SystemExit, match=r"--data toy -> .*x\.jsonl, --max_samples 48 -> 12"):
+        train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--resume"] + TRAIN
+                        + ["--data", str(tmp_path / "x.jsonl"), "--max_samples", "12"])
+
+
+def corrupt(path, how):
+    if how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_text("{")
+
+
+@pytest.mark.parametrize("file, how", [(train_math.ADAPTER_STATE, "truncate"), ("trainer_state.json", "garbage"),
+                                       ("optimizer.pt", "truncate")])
+def test_resume_skips_a_corrupt_newest_checkpoint(file, how, trained, tiny_dir, tmp_path, capsys):
+    out, _ = trained
+    copy_run(out, tmp_path, "args.json", "checkpoint-2", "checkpoint-4")
+    corrupt(tmp_path / "checkpoint-4" / file, how)
+    assert train_math.checkpoint_problem(str(tmp_path / "checkpoint-4")).startswith(file)
+    # logging and saving intervals may change on resume; the settings that define the model may not
+    train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--resume", "--logging_steps", "2"] + TRAIN)
+    err = capsys.readouterr().err
+    assert re.search(rf"--resume: skipping .*checkpoint-4, it is incomplete or corrupt \({re.escape(file)}: ", err)
+    want = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    got = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for k in want:  # resumed from checkpoint-2, it reaches the uninterrupted run's result
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
+    assert train_math.checkpoint_problem(str(tmp_path / "checkpoint-4")) is None  # saved again, completely
+
+
+def test_last_checkpoint_orders_by_step_and_skips_incomplete_ones(tmp_path):
+    def checkpoint(step, complete=True):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        train_math.save_file({"x": torch.zeros(2)}, str(d / train_math.ADAPTER_STATE))
+        if complete:
+            (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    for step in (99, 500, 1000):
+        checkpoint(step)
+    (tmp_path / "checkpoint-final").mkdir()
+    assert train_math.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1000")  # not "500" > "1000"
+    checkpoint(1500, complete=False)  # killed mid-save: trainer_state.json is written last
+    assert train_math.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1000")
+    assert train_math.checkpoint_problem(str(tmp_path / "checkpoint-1500")).startswith("trainer_state.json: ")
+
+
+def test_checkpoint_save_never_leaves_a_half_written_file(tmp_path, monkeypatch):
+    model = milora.apply_adapters(tiny_llama(), "milora", r=R)
+    fake = type("T", (), {"args": type("A", (), {"should_save": True}), "model": model})()
+    train_math.AdapterTrainer._save(fake, str(tmp_path))
+    path = tmp_path / train_math.ADAPTER_STATE
+    good = path.read_bytes()
+    assert os.listdir(tmp_path) == [train_math.ADAPTER_STATE]
+    (tmp_path / "trainer_state.json").write_text("{}")  # a complete earlier save into the same folder
+
+    def crash(state, filename):  # the machine dies halfway through writing
+        open(filename, "wb").write(b"\0" * 100)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_math, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_math.AdapterTrainer._save(fake, str(tmp_path))
+    assert path.read_bytes() == good
+    assert not (tmp_path / "trainer_state.json").exists()  # so the half-saved checkpoint reads as incomplete

@@ -14,7 +14,7 @@ AdamW 3e-4, linear schedule, 100 warm-up steps, global batch 16, 3 epochs, targe
 Outputs in --output_dir: adapter/ (PEFT format, for the untouched base), args.json, merged/ with --merge.
 This file also holds what eval_gsm8k.py shares: prompts, the tiny model, the toy data, the loaders.
 """
-import argparse, functools, glob, json, math, os, random, string, sys, time, zlib
+import argparse, functools, glob, json, math, os, random, re, shutil, string, sys, time, zipfile, zlib
 
 import torch
 from datasets import Dataset, Value, load_dataset
@@ -29,6 +29,7 @@ PROMPT = ("Below is an instruction that describes a task. Write a response that 
           "the request.\n\n### Instruction:\n{query}\n\n### Response:")
 EVAL_PROMPT = PROMPT + " Let's think step by step."  # MetaMath's eval prompt
 ADAPTER_STATE = "adapter_state.safetensors"  # what a checkpoint keeps of the model
+TRAINER_STATE = "trainer_state.json"  # Trainer writes it last: a checkpoint without it is incomplete
 
 # -----------------------------------------------------------------------------
 # the tiny offline model: a random Llama with a character tokenizer, identical on every call
@@ -213,8 +214,14 @@ class AdapterTrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
+            # Trainer writes trainer_state.json last: a stale one from an earlier save into this folder must not make
+            # a half-written checkpoint look complete.
+            if os.path.exists(os.path.join(output_dir, TRAINER_STATE)):
+                os.remove(os.path.join(output_dir, TRAINER_STATE))
             state = {k: v.detach().cpu().contiguous().clone() for k, v in milora.adapter_state_dict(self.model).items()}
-            save_file(state, os.path.join(output_dir, ADAPTER_STATE))
+            path = os.path.join(output_dir, ADAPTER_STATE)
+            save_file(state, path + ".tmp")  # a crash mid-write leaves the .tmp, never a half-written file
+            os.replace(path + ".tmp", path)
 
     def _load_from_checkpoint(self, checkpoint, model=None):
         # Nothing to load: main() built the model from this checkpoint's adapter state, before Trainer existed.
@@ -222,10 +229,41 @@ class AdapterTrainer(Trainer):
             raise ValueError(f"{checkpoint} has no {ADAPTER_STATE}")
 
 
+def checkpoint_problem(ckpt):
+    """Why `ckpt` can't be resumed from (one line), or None if it is complete and every file in it reads."""
+    files = [TRAINER_STATE, ADAPTER_STATE] + sorted(f for f in os.listdir(ckpt) if f.endswith((".pt", ".pth", ".bin")))
+    for f in files:
+        path = os.path.join(ckpt, f)
+        try:
+            if f == TRAINER_STATE:
+                with open(path) as fh:
+                    json.load(fh)
+            elif f == ADAPTER_STATE:
+                load_file(path)
+            else:  # optimizer, scheduler, RNG: torch.save's zip archives, CRC-checked here without unpickling
+                with zipfile.ZipFile(path) as z:
+                    if (bad := z.testzip()) is not None:
+                        raise ValueError(f"bad CRC in {bad}")
+        except Exception as e:
+            return f"{f}: {one_line(e)}"
+    return None
+
+
+def checkpoints(output_dir):
+    """The checkpoint-N folders in output_dir, newest first: by the number N, so checkpoint-1000 precedes -500."""
+    found = [d for d in glob.glob(os.path.join(output_dir, "checkpoint-*"))
+             if re.fullmatch(r"checkpoint-\d+", os.path.basename(d))]
+    return sorted(found, key=lambda d: -int(d.rsplit("-", 1)[1]))
+
+
 def last_checkpoint(output_dir):
-    """The newest complete checkpoint (trainer_state.json is written last, so a run killed mid-save is skipped)."""
-    done = [d for d in glob.glob(os.path.join(output_dir, "checkpoint-*")) if os.path.isfile(f"{d}/trainer_state.json")]
-    return max(done, key=lambda d: int(d.rsplit("-", 1)[1]), default=None)
+    """The newest complete checkpoint; newer ones that are incomplete or corrupt are reported and skipped."""
+    for d in checkpoints(output_dir):
+        problem = checkpoint_problem(d)
+        if problem is None:
+            return d
+        print(f"--resume: skipping {d}, it is incomplete or corrupt ({problem})", file=sys.stderr)
+    return None
 
 
 def parse_args(argv):
@@ -251,6 +289,7 @@ def parse_args(argv):
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--deepspeed", help="DeepSpeed config JSON, e.g. ZeRO-2 as in the paper (needs deepspeed)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-* in --output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output_dir (deletes it)")
     p.add_argument("--merge", action="store_true", help="also write output_dir/merged, a full merged model")
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
@@ -267,7 +306,31 @@ def parse_args(argv):
         sys.exit(f"--deepspeed {args.deepspeed}: no such file")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         sys.exit(f"--output_dir {args.output_dir}: a file, not a directory")
+    if args.resume and args.overwrite:
+        sys.exit("--resume continues the run in --output_dir, --overwrite replaces it: give one of them")
     return args
+
+
+RUN_FILES = ("args.json", "adapter", "merged")  # with checkpoint-*: what a run leaves in its --output_dir
+FREE_SETTINGS = {"output_dir", "resume", "overwrite", "merge", "logging_steps", "save_steps", "per_device_batch_size",
+                 "deepspeed"}  # may change on --resume; everything else defines the trained model
+
+
+def earlier_run(output_dir):
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))] + \
+        [os.path.basename(d) for d in checkpoints(output_dir)]
+
+
+def changed_settings(args):
+    """-> ['--flag old -> new', ...] for every setting that defines the model and differs from the saved args.json."""
+    path = os.path.join(args.output_dir, "args.json")
+    try:
+        with open(path) as f:
+            saved = dict(json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        sys.exit(f"--resume: cannot read {path} to check that the settings match ({one_line(e)})")
+    return [f"--{k} {saved[k]} -> {v}" for k, v in vars(args).items()
+            if k in saved and k not in FREE_SETTINGS and saved[k] != v]
 
 
 def main(argv=None):
@@ -276,9 +339,16 @@ def main(argv=None):
     per_device = args.per_device_batch_size or max(1, args.batch_size // world)
     if args.batch_size % (per_device * world):
         sys.exit(f"--batch_size {args.batch_size} is not divisible by {per_device} per device x {world} processes")
+    earlier = earlier_run(args.output_dir)
+    if earlier and not (args.resume or args.overwrite):
+        sys.exit(f"--output_dir {args.output_dir} already holds a run ({', '.join(earlier)}): "
+                 "pass --resume to continue it, or --overwrite to replace it")
     checkpoint = last_checkpoint(args.output_dir) if args.resume else None
     if args.resume and checkpoint is None:
         sys.exit(f"--resume: no complete checkpoint-* in {args.output_dir}")
+    if args.resume and (changed := changed_settings(args)):
+        sys.exit(f"--resume: {args.output_dir} was trained with other settings: {', '.join(changed)}. "
+                 "Resume with the same ones, or start a new --output_dir")
     cuda = torch.cuda.is_available()
     training_args = TrainingArguments(  # created first: under torchrun this sets up the process group
         output_dir=args.output_dir, per_device_train_batch_size=per_device,
@@ -312,7 +382,12 @@ def main(argv=None):
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.method}: {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
 
-    if training_args.should_save:  # only now that all is checked
+    if training_args.should_save:  # only now that all is checked (and main_process_first waited for every process)
+        if args.overwrite and earlier:
+            print(f"--overwrite: deleting the earlier run in {args.output_dir}: {', '.join(earlier)}")
+            for f in earlier:
+                path = os.path.join(args.output_dir, f)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         os.makedirs(args.output_dir, exist_ok=True)
         path = os.path.join(args.output_dir, "args.json")
         with open(path + ".tmp", "w") as f:
