@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import string
 import subprocess
 import sys
 from fractions import Fraction
@@ -304,6 +305,23 @@ def test_loads_an_adapter_saved_by_peft(kind, tmp_path):
     layer_type = milora.LoraLinear if kind == "lora" else milora.MissLinear
     assert [type(m) for _, m in milora.adapter_layers(ours)] == [layer_type] * 4
     torch.testing.assert_close(logits(ours, IDS), logits(theirs.eval(), IDS), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_loads_a_peft_lora_with_any_alpha_and_rslora(use_rslora, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    # α = 5 is not 2r, and rsLoRA scales by α/√r instead of α/r: a loader that assumes either gets other outputs.
+    theirs = get_peft_model(tiny_llama(), LoraConfig(r=R, lora_alpha=5, use_rslora=use_rslora, target_modules=TARGETS))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    theirs.save_pretrained(tmp_path)
+    want = logits(theirs.eval(), IDS)
+    assert rel_err(want, logits(tiny_llama(), IDS)) > 1e-2  # the adapter does change the model
+    ours = milora.load_adapter(tiny_llama(), tmp_path)
+    assert ours.model.layers[0].mlp.up_proj.scaling == pytest.approx(5 / R ** 0.5 if use_rslora else 5 / R)
+    torch.testing.assert_close(logits(ours, IDS), want, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- analyses
@@ -629,6 +647,46 @@ def test_real_smollm2_gguf_trains_and_evaluates(tmp_path):
     assert summary["total"] == 2
 
 
+# ----------------------------------------------------------------------------- the scripts' data pipeline
+
+
+def test_tokenize_masks_the_prompt_and_appends_eos():
+    _, tok = train_math.build_tiny()
+    chars = sorted(set(string.printable) - set("\r\x0b\x0c"))  # the tiny vocabulary: 4 specials, then these
+    ids_of = lambda text: [4 + chars.index(c) for c in text]
+    row = {"query": "What is 2 + 3?", "response": " 2 + 3 = 5.\nThe answer is: 5"}
+    prompt = train_math.PROMPT.format(query=row["query"])
+    n = 1 + len(prompt)  # BOS and the prompt: no loss there
+    full = [1] + ids_of(prompt + row["response"]) + [2]  # ... and EOS after the response, which is learned
+    out = train_math.tokenize(row, tok, max_len=2048)
+    assert out == {"input_ids": full, "labels": [-100] * n + full[n:]}
+    cut = train_math.tokenize(row, tok, max_len=n + 3)  # truncated: the first 3 response tokens, no EOS
+    assert cut == {"input_ids": full[:n + 3], "labels": [-100] * n + full[n:n + 3]}
+
+
+def test_collate_pads_right_without_loss_or_attention():
+    batch = [{"input_ids": [1, 7, 8, 9], "labels": [-100, -100, 8, 9]}, {"input_ids": [1, 5], "labels": [-100, 5]}]
+    out = train_math.collate(batch, pad_id=0)
+    assert out["input_ids"].tolist() == [[1, 7, 8, 9], [1, 5, 0, 0]]
+    assert out["labels"].tolist() == [[-100, -100, 8, 9], [-100, 5, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("batch, per_device, world, layout", [
+    (16, None, 1, (16, 1)), (16, 2, 1, (2, 8)), (16, None, 8, (2, 1)), (16, 2, 8, (2, 1)), (16, 1, 8, (1, 2)),
+    (16, 2, 4, (2, 2)), (32, 4, 2, (4, 4)),
+])
+def test_batch_layout_keeps_the_global_batch_for_any_world_size(batch, per_device, world, layout):
+    assert train_math.batch_layout(batch, per_device, world) == layout
+    per_device, accumulation = layout
+    assert per_device * accumulation * world == batch
+
+
+def test_batch_layout_refuses_a_global_batch_it_cannot_make():
+    with pytest.raises(SystemExit, match="--batch_size 16 is not divisible by 5 per device x 3 processes"):
+        train_math.batch_layout(16, None, 3)
+
+
 # ----------------------------------------------------------------------------- the scripts on bad input and faults
 
 
@@ -842,3 +900,20 @@ def test_checkpoint_save_never_leaves_a_half_written_file(tmp_path, monkeypatch)
         train_math.AdapterTrainer._save(fake, str(tmp_path))
     assert path.read_bytes() == good
     assert not (tmp_path / "trainer_state.json").exists()  # so the half-saved checkpoint reads as incomplete
+
+
+def test_resume_of_a_bf16_model(tmp_path):
+    model, tok = train_math.build_tiny()
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "tiny-bf16")
+    tok.save_pretrained(tmp_path / "tiny-bf16")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-bf16").dtype == torch.bfloat16
+    common = ["--model", str(tmp_path / "tiny-bf16")] + TRAIN
+    train_math.main(common + ["--output_dir", str(tmp_path / "full")])
+    (tmp_path / "killed").mkdir()  # what a run killed after its step-2 checkpoint leaves
+    copy_run(str(tmp_path / "full"), tmp_path / "killed", "args.json", "checkpoint-2")
+    train_math.main(common + ["--output_dir", str(tmp_path / "killed"), "--resume"])
+    want = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)

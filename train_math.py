@@ -311,6 +311,14 @@ def parse_args(argv):
     return args
 
 
+def batch_layout(batch_size, per_device, world):
+    """-> (per-process batch, gradient accumulation steps) that make the global `batch_size` over `world` processes."""
+    per_device = per_device or max(1, batch_size // world)
+    if batch_size % (per_device * world):
+        sys.exit(f"--batch_size {batch_size} is not divisible by {per_device} per device x {world} processes")
+    return per_device, batch_size // (per_device * world)
+
+
 RUN_FILES = ("args.json", "adapter", "merged")  # with checkpoint-*: what a run leaves in its --output_dir
 FREE_SETTINGS = {"output_dir", "resume", "overwrite", "merge", "logging_steps", "save_steps", "per_device_batch_size",
                  "deepspeed"}  # may change on --resume; everything else defines the trained model
@@ -336,9 +344,7 @@ def changed_settings(args):
 def main(argv=None):
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    per_device = args.per_device_batch_size or max(1, args.batch_size // world)
-    if args.batch_size % (per_device * world):
-        sys.exit(f"--batch_size {args.batch_size} is not divisible by {per_device} per device x {world} processes")
+    per_device, accumulation = batch_layout(args.batch_size, args.per_device_batch_size, world)
     earlier = earlier_run(args.output_dir)
     if earlier and not (args.resume or args.overwrite):
         sys.exit(f"--output_dir {args.output_dir} already holds a run ({', '.join(earlier)}): "
@@ -352,7 +358,7 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     training_args = TrainingArguments(  # created first: under torchrun this sets up the process group
         output_dir=args.output_dir, per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=args.batch_size // (per_device * world), learning_rate=args.lr,
+        gradient_accumulation_steps=accumulation, learning_rate=args.lr,
         lr_scheduler_type="linear", warmup_steps=args.warmup_steps, num_train_epochs=args.epochs,
         max_steps=args.max_steps, logging_steps=args.logging_steps, save_steps=args.save_steps, save_total_limit=2,
         bf16=cuda and torch.cuda.is_bf16_supported(), activation_checkpointing=cuda,
