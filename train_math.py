@@ -12,6 +12,7 @@ One GPU, many GPUs (torchrun), or offline on a CPU with a built-in toy model and
 Defaults are the paper's (Table 10): r 64, alpha 128 for LoRA and 64 for PiSSA/MiLoRA, dropout 0.05,
 AdamW 3e-4, linear schedule, 100 warm-up steps, global batch 16, 3 epochs, targets q, k, v, up, down.
 Outputs in --output_dir: adapter/ (PEFT format, for the untouched base), args.json, merged/ with --merge.
+An --output_dir that already holds a run needs --resume (same settings) or --overwrite (replaces it).
 This file also holds what eval_gsm8k.py shares: prompts, the tiny model, the toy data, the loaders.
 """
 import argparse, functools, glob, json, math, os, random, re, shutil, string, sys, time, zipfile, zlib
