@@ -770,6 +770,9 @@ def test_missing_data_file_is_named(tmp_path, no_model):
         train_math.main(["--model", "tiny", "--data", str(tmp_path / "no-such.jsonl")])
     with pytest.raises(SystemExit, match=r"no-such\.jsonl: no such file"):
         eval_gsm8k.main(["--model", "tiny", "--data", str(tmp_path / "no-such.jsonl")])
+    (tmp_path / "local").mkdir()  # a local dataset folder still loads as datasets loads it
+    (tmp_path / "local" / "train.jsonl").write_text(json.dumps({"query": "1 + 1?", "response": " 2"}) + "\n")
+    assert train_math.load_data(str(tmp_path / "local"), "train", ("query", "response"))["response"] == [" 2"]
 
 
 def test_prompts_that_fill_max_len_leave_nothing_to_train_on(tmp_path):

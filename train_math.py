@@ -151,10 +151,11 @@ def load_data(data, split, fields, limit=None):
     """-> Dataset with `fields`, from 'toy', a local .json/.jsonl/.parquet file, or a hub id ('id' or 'id:config').
     Every problem (no file, not readable, no rows, a missing field, a value that is not text) ends in one line."""
     ext = os.path.splitext(data)[1].lower()
+    path_like = data.startswith((".", "/", "~")) or ext in DATA_FILES or ext in OTHER_FILES
     if data == "toy":
         rows = toy_data(split)
         ds = Dataset.from_list(rows if "query" in fields else [gsm8k_view(r) for r in rows])
-    elif os.path.exists(data) or data.startswith((".", "/", "~")) or ext in DATA_FILES or ext in OTHER_FILES:
+    elif os.path.isfile(data) or (path_like and not os.path.exists(data)):  # a local folder goes to load_dataset
         if not os.path.isfile(data):
             sys.exit(f"{data}: no such file")
         if ext not in DATA_FILES:
