@@ -24,6 +24,7 @@ from fractions import Fraction
 
 import torch
 from datasets import load_dataset
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 import milora
@@ -160,7 +161,7 @@ def main(argv=None):
     if args.adapter:
         try:
             milora.load_adapter(model, args.adapter)
-        except (OSError, ValueError, TypeError) as e:
+        except (OSError, ValueError, TypeError, SafetensorError) as e:  # SafetensorError: a corrupt file
             sys.exit(f"--adapter {args.adapter}: cannot load it onto {args.model}: {one_line(e)}")
     model.to("cuda" if cuda else "cpu").eval()
 

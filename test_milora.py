@@ -803,6 +803,11 @@ def test_eval_adapter_that_does_not_fit_is_a_one_line_error(tiny_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="empty: cannot load it onto .*needs adapter_config.json"):
         eval_gsm8k.main(["--model", tiny_dir, "--adapter", str(tmp_path / "empty"), "--data", "toy", "--limit", "1"])
+    weights = tmp_path / "other" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    with pytest.raises(SystemExit, match="other: cannot load it onto ") as e:
+        eval_gsm8k.main(["--model", tiny_dir, "--adapter", str(tmp_path / "other"), "--data", "toy", "--limit", "1"])
+    assert "\n" not in str(e.value.code)
 
 
 def copy_run(src, dst, *names):
