@@ -90,7 +90,7 @@ def forgetting_text(source):
     try:
         return "\n".join(load_dataset(name, config or None, split="test")["text"])
     except Exception as e:
-        sys.exit(f"--forgetting_text {source!r}: not a file, and the dataset could not be loaded ({e})")
+        sys.exit(f"--forgetting_text {source!r}: not a file, and the dataset could not be loaded ({one_line(e)})")
 
 
 @torch.no_grad()

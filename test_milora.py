@@ -619,8 +619,9 @@ def test_wrong_fields_dataset_names_file_and_fields(tmp_path):
 
 
 def test_missing_model_and_too_large_rank_are_clear_errors(tmp_path):
-    with pytest.raises(SystemExit, match="unreachable offline.*--model tiny"):
+    with pytest.raises(SystemExit, match="unreachable offline.*--model tiny") as e:
         train_math.main(["--model", str(tmp_path / "no-such-model"), "--data", "toy", "--output_dir", str(tmp_path)])
+    assert "\n" not in str(e.value.code)
     with pytest.raises(SystemExit, match=r"--rank 200.*too large"):
         train_math.main(["--model", "tiny", "--data", "toy", "--rank", "200", "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="not divisible"):

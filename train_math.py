@@ -73,9 +73,10 @@ def load_model(name, gguf_file=None, **kw):
             tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
             model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, **kw)
         except OSError as e:
-            hint = "" if os.path.isdir(name) else ("\nNo such local directory; as a hub id it needs the hub, which is "
-                                                   "unreachable offline. Give a local directory, or --model tiny.")
-            sys.exit(f"could not load model {name!r}{f' (gguf_file {gguf_file})' if gguf_file else ''}: {e}{hint}")
+            hint = "" if os.path.isdir(name) else (" (no such local directory; as a hub id it needs the hub, which is "
+                                                   "unreachable offline: give a local directory, or --model tiny)")
+            sys.exit(f"could not load model {name!r}{f' (gguf_file {gguf_file})' if gguf_file else ''}: "
+                     f"{one_line(e)}{hint}")
         if gguf_file:  # GGUF weights arrive dequantized to plain float tensors, but the model stays flagged as
             model.hf_quantizer.remove_quantization_config(model)  # quantized, and Trainer refuses to train that
     if tok.pad_token is None:
@@ -171,7 +172,7 @@ def load_data(data, split, fields, limit=None):
         try:
             ds = load_dataset(name, config or None, split=split)
         except Exception as e:  # datasets raises several kinds when the hub can't be reached
-            sys.exit(f"could not load dataset {data!r}: {e}\n"
+            sys.exit(f"could not load dataset {data!r}: {one_line(e)}. "
                      "Offline? Give a local .json/.jsonl/.parquet file, or 'toy'.")
     missing = [f for f in fields if f not in ds.column_names]
     if missing:
