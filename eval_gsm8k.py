@@ -24,10 +24,11 @@ from fractions import Fraction
 
 import torch
 from datasets import load_dataset
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 import milora
-from train_math import DEFAULT_MODEL, EVAL_PROMPT, load_data, load_model
+from train_math import AT_LEAST_1, DEFAULT_MODEL, EVAL_PROMPT, check_ranges, load_data, load_model, one_line
 
 DELIMITERS = ("The answer is: ", "The answer is ", "The final answer is: ", "The final answer is ", "#### ")
 NUMBER = re.compile(r"[-+]?(?:\d+/\d+|\d+(?:\.\d*)?|\.\d+)")  # 3/4, 12, -3.5, 7., .5
@@ -89,7 +90,7 @@ def forgetting_text(source):
     try:
         return "\n".join(load_dataset(name, config or None, split="test")["text"])
     except Exception as e:
-        sys.exit(f"--forgetting_text {source!r}: not a file, and the dataset could not be loaded ({e})")
+        sys.exit(f"--forgetting_text {source!r}: not a file, and the dataset could not be loaded ({one_line(e)})")
 
 
 @torch.no_grad()
@@ -127,20 +128,42 @@ def parse_args(argv):
     p.add_argument("--forgetting_text", help="text file or dataset id[:config] (default: stdlib docstrings)")
     p.add_argument("--forgetting_tokens", type=int, default=8192, help="use at most this many tokens of it")
     p.add_argument("--base_model", help="the base model for --forgetting when there is no --adapter")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_ranges(args, limit=AT_LEAST_1, batch_size=AT_LEAST_1, max_new_tokens=AT_LEAST_1,
+                 forgetting_tokens=AT_LEAST_1)
+    if args.adapter and not os.path.isdir(args.adapter):
+        sys.exit(f"--adapter {args.adapter}: no such directory")
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        sys.exit(f"--output {args.output}: its directory does not exist")
+    if args.forgetting and not args.adapter and not args.base_model:
+        sys.exit("--forgetting needs a base distribution: give --adapter (the base is the model with it disabled) "
+                 "or --base_model")
+    return args
+
+
+def gold_answers(ds, data):
+    """The number after the last '####' of every answer (GSM8K's format); a row without one is an error, by number."""
+    golds = [first_number(a.rsplit("####", 1)[1]) if "####" in a else None for a in ds["answer"]]
+    if None in golds:
+        i = golds.index(None)
+        sys.exit(f"{data}: row {i + 1} has no gold answer: its answer must end in '#### <number>', "
+                 f"but ends {ds['answer'][i][-40:]!r}")
+    return golds
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.forgetting and not args.adapter and not args.base_model:
-        sys.exit("--forgetting needs a base distribution: give --adapter (the base is the model with it disabled) "
-                 "or --base_model")
+    ds = load_data(args.data, "test", ("question", "answer"), args.limit)  # data first: its errors come at once
+    golds = gold_answers(ds, args.data)
+    text = forgetting_text(args.forgetting_text) if args.forgetting else None
     cuda = torch.cuda.is_available()
     model, tok = load_model(args.model, args.gguf_file, **({"dtype": torch.bfloat16} if cuda else {}))
     if args.adapter:
-        milora.load_adapter(model, args.adapter)
+        try:
+            milora.load_adapter(model, args.adapter)
+        except (OSError, ValueError, TypeError, SafetensorError) as e:  # SafetensorError: a corrupt file
+            sys.exit(f"--adapter {args.adapter}: cannot load it onto {args.model}: {one_line(e)}")
     model.to("cuda" if cuda else "cpu").eval()
-    ds = load_data(args.data, "test", ("question", "answer"), args.limit)
 
     t0 = time.time()
     completions = generate(model, tok, [EVAL_PROMPT.format(query=q) for q in ds["question"]], args.batch_size,
@@ -148,8 +171,8 @@ def main(argv=None):
     seconds = time.time() - t0
     as_json = lambda x: None if x is None else int(x) if x.denominator == 1 else float(x)
     rows = []
-    for q, a, c in zip(ds["question"], ds["answer"], completions):
-        gold, pred = first_number(a.rsplit("####", 1)[-1]), extract_answer(c)
+    for q, gold, c in zip(ds["question"], golds, completions):
+        pred = extract_answer(c)
         rows.append({"question": q, "gold": as_json(gold), "completion": c, "prediction": as_json(pred),
                      "correct": pred is not None and pred == gold})
     correct = sum(r["correct"] for r in rows)
@@ -162,7 +185,6 @@ def main(argv=None):
         base = None
         if not args.adapter:
             base = load_model(args.base_model)[0].to(model.device, model.dtype).eval()
-        text = forgetting_text(args.forgetting_text)
         summary["forgetting_kl"], summary["forgetting_ce"] = forgetting_loss(
             model, tok, text, base, max_tokens=args.forgetting_tokens)
         print(f"forgetting: {summary['forgetting_kl']:.6f} (KL to base; cross-entropy {summary['forgetting_ce']:.4f})")

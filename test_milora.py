@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import string
 import subprocess
 import sys
 from fractions import Fraction
@@ -306,6 +307,23 @@ def test_loads_an_adapter_saved_by_peft(kind, tmp_path):
     torch.testing.assert_close(logits(ours, IDS), logits(theirs.eval(), IDS), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_loads_a_peft_lora_with_any_alpha_and_rslora(use_rslora, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    # α = 5 is not 2r, and rsLoRA scales by α/√r instead of α/r: a loader that assumes either gets other outputs.
+    theirs = get_peft_model(tiny_llama(), LoraConfig(r=R, lora_alpha=5, use_rslora=use_rslora, target_modules=TARGETS))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    theirs.save_pretrained(tmp_path)
+    want = logits(theirs.eval(), IDS)
+    assert rel_err(want, logits(tiny_llama(), IDS)) > 1e-2  # the adapter does change the model
+    ours = milora.load_adapter(tiny_llama(), tmp_path)
+    assert ours.model.layers[0].mlp.up_proj.scaling == pytest.approx(5 / R ** 0.5 if use_rslora else 5 / R)
+    torch.testing.assert_close(logits(ours, IDS), want, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- analyses
 
 
@@ -502,6 +520,7 @@ def test_resume_reaches_the_uninterrupted_result_without_a_new_svd(trained, tiny
     out, _ = trained
     # A run killed after its step-2 checkpoint leaves exactly this behind.
     shutil.copytree(os.path.join(out, "checkpoint-2"), tmp_path / "checkpoint-2")
+    shutil.copy(os.path.join(out, "args.json"), tmp_path)
     monkeypatch.setattr(milora, "svd_split", lambda *a, **k: pytest.fail("resume recomputed the SVD"))
     train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--resume"] + TRAIN)
     want = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
@@ -600,8 +619,9 @@ def test_wrong_fields_dataset_names_file_and_fields(tmp_path):
 
 
 def test_missing_model_and_too_large_rank_are_clear_errors(tmp_path):
-    with pytest.raises(SystemExit, match="unreachable offline.*--model tiny"):
+    with pytest.raises(SystemExit, match="unreachable offline.*--model tiny") as e:
         train_math.main(["--model", str(tmp_path / "no-such-model"), "--data", "toy", "--output_dir", str(tmp_path)])
+    assert "\n" not in str(e.value.code)
     with pytest.raises(SystemExit, match=r"--rank 200.*too large"):
         train_math.main(["--model", "tiny", "--data", "toy", "--rank", "200", "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="not divisible"):
@@ -626,3 +646,283 @@ def test_real_smollm2_gguf_trains_and_evaluates(tmp_path):
     summary = eval_gsm8k.main(gguf + ["--adapter", str(tmp_path / "adapter"), "--data", "toy", "--limit", "2",
                                       "--batch_size", "2", "--max_new_tokens", "4"])
     assert summary["total"] == 2
+
+
+# ----------------------------------------------------------------------------- the scripts' data pipeline
+
+
+def test_tokenize_masks_the_prompt_and_appends_eos():
+    _, tok = train_math.build_tiny()
+    chars = sorted(set(string.printable) - set("\r\x0b\x0c"))  # the tiny vocabulary: 4 specials, then these
+    ids_of = lambda text: [4 + chars.index(c) for c in text]
+    row = {"query": "What is 2 + 3?", "response": " 2 + 3 = 5.\nThe answer is: 5"}
+    prompt = train_math.PROMPT.format(query=row["query"])
+    n = 1 + len(prompt)  # BOS and the prompt: no loss there
+    full = [1] + ids_of(prompt + row["response"]) + [2]  # ... and EOS after the response, which is learned
+    out = train_math.tokenize(row, tok, max_len=2048)
+    assert out == {"input_ids": full, "labels": [-100] * n + full[n:]}
+    cut = train_math.tokenize(row, tok, max_len=n + 3)  # truncated: the first 3 response tokens, no EOS
+    assert cut == {"input_ids": full[:n + 3], "labels": [-100] * n + full[n:n + 3]}
+
+
+def test_collate_pads_right_without_loss_or_attention():
+    batch = [{"input_ids": [1, 7, 8, 9], "labels": [-100, -100, 8, 9]}, {"input_ids": [1, 5], "labels": [-100, 5]}]
+    out = train_math.collate(batch, pad_id=0)
+    assert out["input_ids"].tolist() == [[1, 7, 8, 9], [1, 5, 0, 0]]
+    assert out["labels"].tolist() == [[-100, -100, 8, 9], [-100, 5, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("batch, per_device, world, layout", [
+    (16, None, 1, (16, 1)), (16, 2, 1, (2, 8)), (16, None, 8, (2, 1)), (16, 2, 8, (2, 1)), (16, 1, 8, (1, 2)),
+    (16, 2, 4, (2, 2)), (32, 4, 2, (4, 4)),
+])
+def test_batch_layout_keeps_the_global_batch_for_any_world_size(batch, per_device, world, layout):
+    assert train_math.batch_layout(batch, per_device, world) == layout
+    per_device, accumulation = layout
+    assert per_device * accumulation * world == batch
+
+
+def test_batch_layout_refuses_a_global_batch_it_cannot_make():
+    with pytest.raises(SystemExit, match="--batch_size 16 is not divisible by 5 per device x 3 processes"):
+        train_math.batch_layout(16, None, 3)
+
+
+# ----------------------------------------------------------------------------- the scripts on bad input and faults
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Bad input must be refused before the slow model load."""
+    monkeypatch.setattr(train_math, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    monkeypatch.setattr(eval_gsm8k, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "0"], r"--alpha must be a positive number, got 0\.0"),
+    (["--alpha", "-64"], r"--alpha must be a positive number, got -64\.0"),
+    (["--dropout", "1.5"], r"--dropout must be in \[0, 1\), got 1\.5"),
+    (["--dropout", "-0.1"], r"--dropout must be in \[0, 1\), got -0\.1"),
+    (["--rank", "0"], "--rank must be at least 1, got 0"),
+    (["--lr", "0"], r"--lr must be a positive number, got 0\.0"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--warmup_steps", "-1"], "--warmup_steps must be at least 0, got -1"),
+    (["--epochs", "0"], r"--epochs must be a positive number, got 0\.0"),
+    (["--max_steps", "0"], r"--max_steps must be at least 1 \(or -1: train for --epochs\), got 0"),
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--per_device_batch_size", "0"], "--per_device_batch_size must be at least 1, got 0"),
+    (["--max_len", "0"], "--max_len must be at least 1, got 0"),
+    (["--max_samples", "0"], "--max_samples must be at least 1, got 0"),
+    (["--save_steps", "0"], "--save_steps must be at least 1, got 0"),
+    (["--logging_steps", "-1"], "--logging_steps must be at least 1, got -1"),
+    (["--method", "miss", "--alpha", "8"], "--alpha: MiSS has no alpha"),
+    (["--target_modules", ","], "--target_modules is empty"),
+    (["--deepspeed", "no-such-ds.json"], "--deepspeed no-such-ds.json: no such file"),
+    (["--resume", "--overwrite"], "give one of them"),
+])
+def test_train_bad_flags_are_one_line_errors_before_any_work(flags, message, tmp_path, no_model):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=message) as e:
+        train_math.main(["--model", "tiny", "--data", "toy", "--output_dir", str(out)] + flags)
+    assert "\n" not in str(e.value.code)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--limit", "0"], "--limit must be at least 1, got 0"),
+    (["--limit", "-1"], "--limit must be at least 1, got -1"),
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1, got 0"),
+    (["--forgetting", "--adapter", "{tmp}", "--forgetting_tokens", "0"], "--forgetting_tokens must be at least 1"),
+    (["--adapter", "{tmp}/no-such-adapter"], "--adapter .*/no-such-adapter: no such directory"),
+    (["--output", "{tmp}/no-such-dir/out.jsonl"], "--output .*/no-such-dir/out.jsonl: its directory does not exist"),
+])
+def test_eval_bad_flags_are_one_line_errors_before_any_work(flags, message, tmp_path, no_model):
+    with pytest.raises(SystemExit, match=message) as e:
+        eval_gsm8k.main(["--model", "tiny", "--data", "toy"] + [f.format(tmp=tmp_path) for f in flags])
+    assert "\n" not in str(e.value.code)
+
+
+BAD_TRAIN_DATA = [  # (file name, contents, message)
+    ("empty.jsonl", "", "the file is empty"),
+    ("blank.jsonl", "\n\n", "not a valid jsonl file"),
+    ("broken.jsonl", '{"query": "a", "response": "b"}\n{"query": "c", "resp\n', "not a valid jsonl file: JSON parse"),
+    ("null.jsonl", '{"query": "a", "response": "b"}\n{"query": "c", "response": null}\n',
+     "row 2 has response = null; query and response must be text"),
+    ("number.jsonl", '{"query": "a", "response": "b"}\n{"query": 7, "response": "c"}\n',
+     "row 2 has query = 7; query and response must be text"),
+    ("alpaca.json", '[{"instruction": "a", "output": "b"}]', r"missing field\(s\) \['query', 'response'\]"),
+    ("rows.csv", "query,response\na,b\n", "unsupported file type; use .json, .jsonl or .parquet"),
+]
+
+
+@pytest.mark.parametrize("name, text, message", BAD_TRAIN_DATA, ids=[b[0] for b in BAD_TRAIN_DATA])
+def test_bad_training_data_is_a_one_line_error_naming_the_file(name, text, message, tmp_path, no_model):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=f"{re.escape(str(path))}: {message}") as e:
+        train_math.main(["--model", "tiny", "--data", str(path), "--output_dir", str(tmp_path / "out")])
+    assert "\n" not in str(e.value.code)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_file_is_named(tmp_path, no_model):
+    with pytest.raises(SystemExit, match=r"no-such\.jsonl: no such file"):
+        train_math.main(["--model", "tiny", "--data", str(tmp_path / "no-such.jsonl")])
+    with pytest.raises(SystemExit, match=r"no-such\.jsonl: no such file"):
+        eval_gsm8k.main(["--model", "tiny", "--data", str(tmp_path / "no-such.jsonl")])
+    (tmp_path / "local").mkdir()  # a local dataset folder still loads as datasets loads it
+    (tmp_path / "local" / "train.jsonl").write_text(json.dumps({"query": "1 + 1?", "response": " 2"}) + "\n")
+    assert train_math.load_data(str(tmp_path / "local"), "train", ("query", "response"))["response"] == [" 2"]
+
+
+def test_prompts_that_fill_max_len_leave_nothing_to_train_on(tmp_path):
+    with pytest.raises(SystemExit, match="toy: no row left to train on: every prompt fills --max_len 40 tokens"):
+        train_math.main(["--model", "tiny", "--data", "toy", "--max_len", "40", "--output_dir", str(tmp_path)])
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+@pytest.mark.parametrize("answer, message", [
+    ("She has 3 + 4 = 7 apples.\nThe answer is: 7", r"row 2 has no gold answer: its answer must end in "
+                                                    r"'#### <number>', but ends '.*The answer is: 7'"),
+    ("She has 7 apples.\n#### seven", "row 2 has no gold answer"),
+    (None, "row 2 has answer = null; question and answer must be text"),
+])
+def test_eval_data_without_a_gold_answer_names_the_row(answer, message, tmp_path, no_model):
+    path = tmp_path / "gsm.jsonl"
+    rows = [{"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}, {"question": "3 + 4?", "answer": answer}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=message):
+        eval_gsm8k.main(["--model", "tiny", "--data", str(path)])
+
+
+def test_eval_adapter_that_does_not_fit_is_a_one_line_error(tiny_dir, tmp_path):
+    milora.save_adapter(milora.apply_adapters(tiny_llama(), "lora", r=R), tmp_path / "other")  # another model's
+    with pytest.raises(SystemExit, match=r"--adapter .*other: cannot load it onto .*: .*does not fit") as e:
+        eval_gsm8k.main(["--model", tiny_dir, "--adapter", str(tmp_path / "other"), "--data", "toy", "--limit", "1"])
+    assert "\n" not in str(e.value.code)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="empty: cannot load it onto .*needs adapter_config.json"):
+        eval_gsm8k.main(["--model", tiny_dir, "--adapter", str(tmp_path / "empty"), "--data", "toy", "--limit", "1"])
+    weights = tmp_path / "other" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    with pytest.raises(SystemExit, match="other: cannot load it onto ") as e:
+        eval_gsm8k.main(["--model", tiny_dir, "--adapter", str(tmp_path / "other"), "--data", "toy", "--limit", "1"])
+    assert "\n" not in str(e.value.code)
+
+
+def copy_run(src, dst, *names):
+    for n in names:
+        (shutil.copytree if os.path.isdir(os.path.join(src, n)) else shutil.copy)(os.path.join(src, n), dst / n)
+
+
+def test_existing_run_is_refused_and_overwrite_replaces_all_of_it(trained, tiny_dir, tmp_path, capsys):
+    out, _ = trained
+    copy_run(out, tmp_path, "args.json", "adapter", "merged", "checkpoint-2", "checkpoint-4")
+    before = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match=r"already holds a run \(args\.json, adapter, merged, checkpoint-4, "
+                                         r"checkpoint-2\): pass --resume to continue it, or --overwrite to replace it"):
+        train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path)] + TRAIN)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == before  # nothing lost
+    # --overwrite with a shorter run: nothing of the old one may remain, least of all its checkpoint-4.
+    train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--overwrite", "--method", "lora"]
+                    + TRAIN[:4] + ["--max_steps", "2"] + TRAIN[6:])
+    assert "deleting the earlier run in" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "args.json", "checkpoint-2"]
+    assert json.load(open(tmp_path / "args.json"))["method"] == "lora"
+    assert json.load(open(tmp_path / "adapter" / "adapter_config.json"))["r"] == 64  # a LoRA's rank, not 2r
+    assert train_math.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+
+
+def test_resume_refuses_changed_settings_and_names_them(trained, tiny_dir, tmp_path):
+    out, _ = trained
+    copy_run(out, tmp_path, "args.json", "checkpoint-4")
+    saved = (tmp_path / "args.json").read_text()
+    with pytest.raises(SystemExit, match=r"was trained with other settings: --rank 64 -> 16, --alpha None -> 32\.0, "
+                                         r"--target_modules q_proj,k_proj,v_proj,up_proj,down_proj -> q_proj\. "):
+        train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--resume", "--rank", "16", "--alpha",
+                         "32", "--target_modules", "q_proj"] + TRAIN)
+    with pytest.raises(SystemExit, match=f"--method milora -> lora, --model {re.escape(tiny_dir)} -> tiny\\. "):
+        train_math.main(["--model", "tiny", "--method", "lora", "--output_dir", str(tmp_path), "--resume"] + TRAIN)
+    assert (tmp_path / "args.json").read_text() == saved
+    with pytest.raises(SystemExit, match=r"--data toy -> .*x\.jsonl, --max_samples 48 -> 12"):
+        train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--resume"] + TRAIN
+                        + ["--data", str(tmp_path / "x.jsonl"), "--max_samples", "12"])
+
+
+def corrupt(path, how):
+    if how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_text("{")
+
+
+@pytest.mark.parametrize("file, how", [(train_math.ADAPTER_STATE, "truncate"), ("trainer_state.json", "garbage"),
+                                       ("optimizer.pt", "truncate")])
+def test_resume_skips_a_corrupt_newest_checkpoint(file, how, trained, tiny_dir, tmp_path, capsys):
+    out, _ = trained
+    copy_run(out, tmp_path, "args.json", "checkpoint-2", "checkpoint-4")
+    corrupt(tmp_path / "checkpoint-4" / file, how)
+    assert train_math.checkpoint_problem(str(tmp_path / "checkpoint-4")).startswith(file)
+    # logging and saving intervals may change on resume; the settings that define the model may not
+    train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--resume", "--logging_steps", "2"] + TRAIN)
+    err = capsys.readouterr().err
+    assert re.search(rf"--resume: skipping .*checkpoint-4, it is incomplete or corrupt \({re.escape(file)}: ", err)
+    want = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    got = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for k in want:  # resumed from checkpoint-2, it reaches the uninterrupted run's result
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
+    assert train_math.checkpoint_problem(str(tmp_path / "checkpoint-4")) is None  # saved again, completely
+
+
+def test_last_checkpoint_orders_by_step_and_skips_incomplete_ones(tmp_path):
+    def checkpoint(step, complete=True):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        train_math.save_file({"x": torch.zeros(2)}, str(d / train_math.ADAPTER_STATE))
+        if complete:
+            (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    for step in (99, 500, 1000):
+        checkpoint(step)
+    (tmp_path / "checkpoint-final").mkdir()
+    assert train_math.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1000")  # not "500" > "1000"
+    checkpoint(1500, complete=False)  # killed mid-save: trainer_state.json is written last
+    assert train_math.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1000")
+    assert train_math.checkpoint_problem(str(tmp_path / "checkpoint-1500")).startswith("trainer_state.json: ")
+
+
+def test_checkpoint_save_never_leaves_a_half_written_file(tmp_path, monkeypatch):
+    model = milora.apply_adapters(tiny_llama(), "milora", r=R)
+    fake = type("T", (), {"args": type("A", (), {"should_save": True}), "model": model})()
+    train_math.AdapterTrainer._save(fake, str(tmp_path))
+    path = tmp_path / train_math.ADAPTER_STATE
+    good = path.read_bytes()
+    assert os.listdir(tmp_path) == [train_math.ADAPTER_STATE]
+    (tmp_path / "trainer_state.json").write_text("{}")  # a complete earlier save into the same folder
+
+    def crash(state, filename):  # the machine dies halfway through writing
+        open(filename, "wb").write(b"\0" * 100)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_math, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_math.AdapterTrainer._save(fake, str(tmp_path))
+    assert path.read_bytes() == good
+    assert not (tmp_path / "trainer_state.json").exists()  # so the half-saved checkpoint reads as incomplete
+
+
+def test_resume_of_a_bf16_model(tmp_path):
+    model, tok = train_math.build_tiny()
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "tiny-bf16")
+    tok.save_pretrained(tmp_path / "tiny-bf16")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-bf16").dtype == torch.bfloat16
+    common = ["--model", str(tmp_path / "tiny-bf16")] + TRAIN
+    train_math.main(common + ["--output_dir", str(tmp_path / "full")])
+    (tmp_path / "killed").mkdir()  # what a run killed after its step-2 checkpoint leaves
+    copy_run(str(tmp_path / "full"), tmp_path / "killed", "args.json", "checkpoint-2")
+    train_math.main(common + ["--output_dir", str(tmp_path / "killed"), "--resume"])
+    want = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)

@@ -12,12 +12,13 @@ One GPU, many GPUs (torchrun), or offline on a CPU with a built-in toy model and
 Defaults are the paper's (Table 10): r 64, alpha 128 for LoRA and 64 for PiSSA/MiLoRA, dropout 0.05,
 AdamW 3e-4, linear schedule, 100 warm-up steps, global batch 16, 3 epochs, targets q, k, v, up, down.
 Outputs in --output_dir: adapter/ (PEFT format, for the untouched base), args.json, merged/ with --merge.
+An --output_dir that already holds a run needs --resume (same settings) or --overwrite (replaces it).
 This file also holds what eval_gsm8k.py shares: prompts, the tiny model, the toy data, the loaders.
 """
-import argparse, functools, glob, json, os, random, string, sys, time, zlib
+import argparse, functools, glob, json, math, os, random, re, shutil, string, sys, time, zipfile, zlib
 
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset, Value, load_dataset
 from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast, Trainer, TrainingArguments)
@@ -29,6 +30,7 @@ PROMPT = ("Below is an instruction that describes a task. Write a response that 
           "the request.\n\n### Instruction:\n{query}\n\n### Response:")
 EVAL_PROMPT = PROMPT + " Let's think step by step."  # MetaMath's eval prompt
 ADAPTER_STATE = "adapter_state.safetensors"  # what a checkpoint keeps of the model
+TRAINER_STATE = "trainer_state.json"  # Trainer writes it last: a checkpoint without it is incomplete
 
 # -----------------------------------------------------------------------------
 # the tiny offline model: a random Llama with a character tokenizer, identical on every call
@@ -71,9 +73,10 @@ def load_model(name, gguf_file=None, **kw):
             tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
             model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, **kw)
         except OSError as e:
-            hint = "" if os.path.isdir(name) else ("\nNo such local directory; as a hub id it needs the hub, which is "
-                                                   "unreachable offline. Give a local directory, or --model tiny.")
-            sys.exit(f"could not load model {name!r}{f' (gguf_file {gguf_file})' if gguf_file else ''}: {e}{hint}")
+            hint = "" if os.path.isdir(name) else (" (no such local directory; as a hub id it needs the hub, which is "
+                                                   "unreachable offline: give a local directory, or --model tiny)")
+            sys.exit(f"could not load model {name!r}{f' (gguf_file {gguf_file})' if gguf_file else ''}: "
+                     f"{one_line(e)}{hint}")
         if gguf_file:  # GGUF weights arrive dequantized to plain float tensors, but the model stays flagged as
             model.hf_quantizer.remove_quantization_config(model)  # quantized, and Trainer refuses to train that
     if tok.pad_token is None:
@@ -122,27 +125,68 @@ def gsm8k_view(row):
     return {"question": row["query"], "answer": f"{body.strip()}\n#### {n}"}
 
 
+def one_line(e):
+    """An exception as one line, for an error message (datasets wraps the real cause)."""
+    e = e.__cause__ or e
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+POSITIVE = (lambda v: 0 < v < math.inf, "a positive number")
+
+
+def check_ranges(args, **rules):
+    """Exit with one line naming the first flag whose value breaks its rule, {flag: (test, what it must be)}.
+    A flag left unset (None) passes."""
+    for name, (ok, want) in rules.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            sys.exit(f"--{name} must be {want}, got {value}")
+
+
+DATA_FILES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+OTHER_FILES = (".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip")  # what looks like a file name, not a hub id
+
+
 def load_data(data, split, fields, limit=None):
-    """-> Dataset with `fields`, from 'toy', a local .json/.jsonl/.parquet file, or a hub id ('id' or 'id:config')."""
+    """-> Dataset with `fields`, from 'toy', a local .json/.jsonl/.parquet file, or a hub id ('id' or 'id:config').
+    Every problem (no file, not readable, no rows, a missing field, a value that is not text) ends in one line."""
+    ext = os.path.splitext(data)[1].lower()
+    path_like = data.startswith((".", "/", "~")) or ext in DATA_FILES or ext in OTHER_FILES
     if data == "toy":
         rows = toy_data(split)
         ds = Dataset.from_list(rows if "query" in fields else [gsm8k_view(r) for r in rows])
-    elif os.path.isfile(data):
-        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(os.path.splitext(data)[1])
-        if builder is None:
+    elif os.path.isfile(data) or (path_like and not os.path.exists(data)):  # a local folder goes to load_dataset
+        if not os.path.isfile(data):
+            sys.exit(f"{data}: no such file")
+        if ext not in DATA_FILES:
             sys.exit(f"{data}: unsupported file type; use .json, .jsonl or .parquet")
-        ds = load_dataset(builder, data_files=data, split="train")
+        if os.path.getsize(data) == 0:
+            sys.exit(f"{data}: the file is empty")
+        try:
+            ds = load_dataset(DATA_FILES[ext], data_files=data, split="train")
+        except Exception as e:  # a parse error, wrapped by datasets
+            sys.exit(f"{data}: not a valid {ext[1:]} file: {one_line(e)}")
     else:
         name, _, config = data.partition(":")
         try:
             ds = load_dataset(name, config or None, split=split)
         except Exception as e:  # datasets raises several kinds when the hub can't be reached
-            sys.exit(f"could not load dataset {data!r}: {e}\n"
+            sys.exit(f"could not load dataset {data!r}: {one_line(e)}. "
                      "Offline? Give a local .json/.jsonl/.parquet file, or 'toy'.")
     missing = [f for f in fields if f not in ds.column_names]
     if missing:
         sys.exit(f"{data}: missing field(s) {missing}; it has {ds.column_names}. Expected fields: {list(fields)}.")
-    return ds.select(range(min(limit, len(ds)))) if limit else ds
+    ds = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
+    if len(ds) == 0:
+        sys.exit(f"{data}: no rows")
+    for f in fields:  # a null, or a number among the text: name the first such row (counted from 1)
+        if ds.features[f] != Value("string") or ds.data.column(f).null_count:
+            bad = next(((i, v) for i, v in enumerate(ds[f]) if not isinstance(v, str)), None)
+            if bad:
+                sys.exit(f"{data}: row {bad[0] + 1} has {f} = {json.dumps(bad[1], default=str)}; "
+                         f"{' and '.join(fields)} must be text")
+    return ds
 
 # -----------------------------------------------------------------------------
 # training
@@ -173,8 +217,14 @@ class AdapterTrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
+            # Trainer writes trainer_state.json last: a stale one from an earlier save into this folder must not make
+            # a half-written checkpoint look complete.
+            if os.path.exists(os.path.join(output_dir, TRAINER_STATE)):
+                os.remove(os.path.join(output_dir, TRAINER_STATE))
             state = {k: v.detach().cpu().contiguous().clone() for k, v in milora.adapter_state_dict(self.model).items()}
-            save_file(state, os.path.join(output_dir, ADAPTER_STATE))
+            path = os.path.join(output_dir, ADAPTER_STATE)
+            save_file(state, path + ".tmp")  # a crash mid-write leaves the .tmp, never a half-written file
+            os.replace(path + ".tmp", path)
 
     def _load_from_checkpoint(self, checkpoint, model=None):
         # Nothing to load: main() built the model from this checkpoint's adapter state, before Trainer existed.
@@ -182,10 +232,41 @@ class AdapterTrainer(Trainer):
             raise ValueError(f"{checkpoint} has no {ADAPTER_STATE}")
 
 
+def checkpoint_problem(ckpt):
+    """Why `ckpt` can't be resumed from (one line), or None if it is complete and every file in it reads."""
+    files = [TRAINER_STATE, ADAPTER_STATE] + sorted(f for f in os.listdir(ckpt) if f.endswith((".pt", ".pth", ".bin")))
+    for f in files:
+        path = os.path.join(ckpt, f)
+        try:
+            if f == TRAINER_STATE:
+                with open(path) as fh:
+                    json.load(fh)
+            elif f == ADAPTER_STATE:
+                load_file(path)
+            else:  # optimizer, scheduler, RNG: torch.save's zip archives, CRC-checked here without unpickling
+                with zipfile.ZipFile(path) as z:
+                    if (bad := z.testzip()) is not None:
+                        raise ValueError(f"bad CRC in {bad}")
+        except Exception as e:
+            return f"{f}: {one_line(e)}"
+    return None
+
+
+def checkpoints(output_dir):
+    """The checkpoint-N folders in output_dir, newest first: by the number N, so checkpoint-1000 precedes -500."""
+    found = [d for d in glob.glob(os.path.join(output_dir, "checkpoint-*"))
+             if re.fullmatch(r"checkpoint-\d+", os.path.basename(d))]
+    return sorted(found, key=lambda d: -int(d.rsplit("-", 1)[1]))
+
+
 def last_checkpoint(output_dir):
-    """The newest complete checkpoint (trainer_state.json is written last, so a run killed mid-save is skipped)."""
-    done = [d for d in glob.glob(os.path.join(output_dir, "checkpoint-*")) if os.path.isfile(f"{d}/trainer_state.json")]
-    return max(done, key=lambda d: int(d.rsplit("-", 1)[1]), default=None)
+    """The newest complete checkpoint; newer ones that are incomplete or corrupt are reported and skipped."""
+    for d in checkpoints(output_dir):
+        problem = checkpoint_problem(d)
+        if problem is None:
+            return d
+        print(f"--resume: skipping {d}, it is incomplete or corrupt ({problem})", file=sys.stderr)
+    return None
 
 
 def parse_args(argv):
@@ -194,7 +275,7 @@ def parse_args(argv):
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local dir, or 'tiny' (offline random Llama)")
     p.add_argument("--gguf_file", help="GGUF file name inside --model (a local dir), loaded through transformers")
     p.add_argument("--data", default="meta-math/MetaMathQA", help="hub id[:config], .json/.jsonl/.parquet, or 'toy'")
-    p.add_argument("--max_samples", type=int, help="use only the first N training rows")
+    p.add_argument("--max_samples", type=int, help="use only the first N training rows (default: all)")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alpha", type=float, help="default 2*rank for lora, rank for pissa/milora; miss has no alpha")
     p.add_argument("--dropout", type=float, default=0.05)
@@ -211,40 +292,92 @@ def parse_args(argv):
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--deepspeed", help="DeepSpeed config JSON, e.g. ZeRO-2 as in the paper (needs deepspeed)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-* in --output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output_dir (deletes it)")
     p.add_argument("--merge", action="store_true", help="also write output_dir/merged, a full merged model")
     p.add_argument("--seed", type=int, default=42)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_ranges(args, rank=AT_LEAST_1, alpha=POSITIVE, dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), lr=POSITIVE,
+                 warmup_steps=(lambda v: v >= 0, "at least 0"), epochs=POSITIVE,
+                 max_steps=(lambda v: v >= 1 or v == -1, "at least 1 (or -1: train for --epochs)"),
+                 batch_size=AT_LEAST_1, per_device_batch_size=AT_LEAST_1, max_len=AT_LEAST_1,
+                 max_samples=AT_LEAST_1, save_steps=AT_LEAST_1, logging_steps=AT_LEAST_1)
+    if args.method == "miss" and args.alpha is not None:
+        sys.exit("--alpha: MiSS has no alpha; leave it out")
+    if not any(t.strip() for t in args.target_modules.split(",")):
+        sys.exit("--target_modules is empty")
+    if args.deepspeed and not os.path.isfile(args.deepspeed):
+        sys.exit(f"--deepspeed {args.deepspeed}: no such file")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        sys.exit(f"--output_dir {args.output_dir}: a file, not a directory")
+    if args.resume and args.overwrite:
+        sys.exit("--resume continues the run in --output_dir, --overwrite replaces it: give one of them")
+    return args
+
+
+def batch_layout(batch_size, per_device, world):
+    """-> (per-process batch, gradient accumulation steps) that make the global `batch_size` over `world` processes."""
+    per_device = per_device or max(1, batch_size // world)
+    if batch_size % (per_device * world):
+        sys.exit(f"--batch_size {batch_size} is not divisible by {per_device} per device x {world} processes")
+    return per_device, batch_size // (per_device * world)
+
+
+RUN_FILES = ("args.json", "adapter", "merged")  # with checkpoint-*: what a run leaves in its --output_dir
+FREE_SETTINGS = {"output_dir", "resume", "overwrite", "merge", "logging_steps", "save_steps", "per_device_batch_size",
+                 "deepspeed"}  # may change on --resume; everything else defines the trained model
+
+
+def earlier_run(output_dir):
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))] + \
+        [os.path.basename(d) for d in checkpoints(output_dir)]
+
+
+def changed_settings(args):
+    """-> ['--flag old -> new', ...] for every setting that defines the model and differs from the saved args.json."""
+    path = os.path.join(args.output_dir, "args.json")
+    try:
+        with open(path) as f:
+            saved = dict(json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        sys.exit(f"--resume: cannot read {path} to check that the settings match ({one_line(e)})")
+    return [f"--{k} {saved[k]} -> {v}" for k, v in vars(args).items()
+            if k in saved and k not in FREE_SETTINGS and saved[k] != v]
 
 
 def main(argv=None):
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    per_device = args.per_device_batch_size or max(1, args.batch_size // world)
-    if args.batch_size % (per_device * world):
-        sys.exit(f"--batch_size {args.batch_size} is not divisible by {per_device} per device x {world} processes")
+    per_device, accumulation = batch_layout(args.batch_size, args.per_device_batch_size, world)
+    earlier = earlier_run(args.output_dir)
+    if earlier and not (args.resume or args.overwrite):
+        sys.exit(f"--output_dir {args.output_dir} already holds a run ({', '.join(earlier)}): "
+                 "pass --resume to continue it, or --overwrite to replace it")
     checkpoint = last_checkpoint(args.output_dir) if args.resume else None
     if args.resume and checkpoint is None:
         sys.exit(f"--resume: no complete checkpoint-* in {args.output_dir}")
+    if args.resume and (changed := changed_settings(args)):
+        sys.exit(f"--resume: {args.output_dir} was trained with other settings: {', '.join(changed)}. "
+                 "Resume with the same ones, or start a new --output_dir")
     cuda = torch.cuda.is_available()
     training_args = TrainingArguments(  # created first: under torchrun this sets up the process group
         output_dir=args.output_dir, per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=args.batch_size // (per_device * world), learning_rate=args.lr,
+        gradient_accumulation_steps=accumulation, learning_rate=args.lr,
         lr_scheduler_type="linear", warmup_steps=args.warmup_steps, num_train_epochs=args.epochs,
         max_steps=args.max_steps, logging_steps=args.logging_steps, save_steps=args.save_steps, save_total_limit=2,
         bf16=cuda and torch.cuda.is_bf16_supported(), activation_checkpointing=cuda,
         activation_checkpointing_kwargs={"use_reentrant": False},  # the reentrant kind needs inputs with grads
         ddp_find_unused_parameters=False, remove_unused_columns=False, dataloader_pin_memory=cuda, report_to="none",
         deepspeed=args.deepspeed, seed=args.seed)
-    if training_args.should_save:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-
     ds = load_data(args.data, "train", ("query", "response"), args.max_samples)  # before the slow model load
     model, tok = load_model(args.model, args.gguf_file)
     if cuda:  # decompose where it will train: no per-layer trips between CPU and GPU
         model.to(training_args.device)
     model.config.use_cache = False
+    with training_args.main_process_first():  # rank 0 tokenizes and caches, the others reuse its cache
+        ds = ds.map(tokenize, fn_kwargs={"tok": tok, "max_len": args.max_len}, remove_columns=ds.column_names)
+        ds = ds.filter(lambda r: any(l != -100 for l in r["labels"]))  # prompt longer than max_len: nothing to learn
+    if len(ds) == 0:
+        sys.exit(f"{args.data}: no row left to train on: every prompt fills --max_len {args.max_len} tokens")
     # The SVD init runs here, in every process, before Trainer wraps the model. Ranks need not agree bit for bit
     # (SVD signs, GPU kernels): DDP broadcasts rank 0's parameters and buffers when it wraps, so all end identical.
     # On --resume, init_state restores the adapter and rebuilds the residual from the saved factors: no new SVD.
@@ -253,14 +386,22 @@ def main(argv=None):
     try:
         milora.apply_adapters(model, args.method, r=args.rank, alpha=args.alpha, dropout=args.dropout,
                               target_modules=tuple(args.target_modules.split(",")), init_state=init_state)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         sys.exit(f"cannot apply {args.method} with --rank {args.rank} to {args.model}: {e}")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.method}: {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
 
-    with training_args.main_process_first():  # rank 0 tokenizes and caches, the others reuse its cache
-        ds = ds.map(tokenize, fn_kwargs={"tok": tok, "max_len": args.max_len}, remove_columns=ds.column_names)
-        ds = ds.filter(lambda r: any(l != -100 for l in r["labels"]))  # prompt longer than max_len: nothing to learn
+    if training_args.should_save:  # only now that all is checked (and main_process_first waited for every process)
+        if args.overwrite and earlier:
+            print(f"--overwrite: deleting the earlier run in {args.output_dir}: {', '.join(earlier)}")
+            for f in earlier:
+                path = os.path.join(args.output_dir, f)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, "args.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(vars(args), f, indent=2)
+        os.replace(path + ".tmp", path)
     trainer = AdapterTrainer(model=model, args=training_args, train_dataset=ds,
                              data_collator=functools.partial(collate, pad_id=tok.pad_token_id))
     t0 = time.time()
