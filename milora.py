@@ -21,9 +21,13 @@ import contextlib
 import copy
 import json
 import math
+import numbers
 import os
 import re
+import signal
+import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-METHODS = ("lora", "pissa", "milora", "miss")
+METHODS = ("lora", "pissa", "milora", "miss", "middle", "random")  # the last two: the paper's ablations
 PARTS = {"pissa": "principal", "milora": "minor", "middle": "middle", "random": "random"}  # SVD init -> triplets
 PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # MiLoRA paper, Table 10
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -153,10 +157,20 @@ def svd_split(weight, r, part="minor", scale=1.0, generator=None):
     each vector's angle to the true one under 1e-3, checked a posteriori on W itself), at any condition number and
     scale; singular values below float32's resolution (2·eps·σmax) are returned as exactly 0, so B and A are 0 there.
     """
+    B, A = _svd_factors(weight, r, part, scale, generator)
+    W = weight.detach().to(B.device, torch.float32)
+    return B, A, _residual(W, B, A, scale)
+
+
+@torch.no_grad()
+def _svd_factors(weight, r, part="minor", scale=1.0, generator=None):
+    """svd_split without the residual: B (out×r) and A (r×in) on the decomposition device."""
     if part not in PARTS.values():
         raise ValueError(f"part must be one of {', '.join(PARTS.values())}, got {part!r}")
     W = weight.detach().to(_decomposition_device(weight), torch.float32)  # float32 whatever the weight's dtype
     m = min(W.shape)
+    if not torch.isfinite(W).all():
+        raise ValueError("weight contains NaN or Inf: it has no SVD to split")
     if not 1 <= r < m:
         raise ValueError(f"r must satisfy 1 <= r < min(out, in) = {m} for a weight of shape {tuple(W.shape)}, got {r}")
     idx = _triplet_indices(m, r, part, generator)
@@ -165,8 +179,7 @@ def svd_split(weight, r, part="minor", scale=1.0, generator=None):
     # Scale by a power of two (exact) so that σmax ≈ 1: the Gram then can't overflow or underflow, even at 1e±18.
     top = Wm.abs().max()
     if top == 0:
-        B, A = W.new_zeros(W.shape[0], r), W.new_zeros(r, W.shape[1])
-        return B, A, W.clone()
+        return W.new_zeros(W.shape[0], r), W.new_zeros(r, W.shape[1])
     step = torch.exp2(-torch.floor(torch.log2(top)))
     U, S, Vh = _singular_triplets(Wm * step, idx)
     S = S / step
@@ -177,9 +190,7 @@ def svd_split(weight, r, part="minor", scale=1.0, generator=None):
     sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()  # 1×r
     U, Vh = U * sign, Vh * sign.T
     sqrt_s = (S / scale).sqrt()  # r
-    B = U * sqrt_s  # out×r
-    A = sqrt_s[:, None] * Vh  # r×in
-    return B, A, _residual(W, B, A, scale)
+    return U * sqrt_s, sqrt_s[:, None] * Vh  # B out×r, A r×in
 
 
 # -----------------------------------------------------------------------------
@@ -211,7 +222,8 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def initialize(self, state=None, generator=None):
-        """Fill A and B: from `state` (an adapter_state_dict slice) if given, else by the layer's init."""
+        """Fill A and B: from `state` (an adapter_state_dict slice) if given, else by the layer's init. The base
+        weight is not touched yet: subtract_init_ does that, once every layer of the model has initialised."""
         W = self.base_layer.weight
         if self.init == "lora":
             if state is None:  # A as nn.Linear's default init (as PEFT and loralib), B = 0
@@ -220,16 +232,23 @@ class LoraLinear(nn.Module):
                 self.lora_A.copy_(state["lora_A"]), self.lora_B.copy_(state["lora_B"])
             return
         if state is None:
-            B0, A0, residual = svd_split(W, self.r, PARTS[self.init], self.scaling, generator)
-        else:  # resume: rebuild the residual from the saved factors, with the same kernel as svd_split
-            B0, A0 = (state[k].to(_decomposition_device(W), torch.float32) for k in ("lora_B0", "lora_A0"))
-            residual = _residual(W.to(B0.device, torch.float32), B0, A0, self.scaling)
-        W.copy_(residual)  # in place and in W's own dtype: no second copy of the weight
+            B0, A0 = _svd_factors(W, self.r, PARTS[self.init], self.scaling, generator)
+        else:  # resume: the saved factors, so the residual is rebuilt bit for bit without a new SVD
+            B0, A0 = state["lora_B0"], state["lora_A0"]
         # B0, A0 are kept so that save_adapter can express the trained ΔW = BA − B0A0 for the untouched base.
-        self.register_buffer("lora_B0", B0.to(W.device))
-        self.register_buffer("lora_A0", A0.to(W.device))
+        self.register_buffer("lora_B0", B0.to(W.device, torch.float32))
+        self.register_buffer("lora_A0", A0.to(W.device, torch.float32))
         self.lora_B.copy_(B0 if state is None else state["lora_B"])
         self.lora_A.copy_(A0 if state is None else state["lora_A"])
+
+    @torch.no_grad()
+    def subtract_init_(self, buffer):
+        """W ← W − (α/r)·B₀A₀ in place, in W's own dtype, through a float32 `buffer` of at least W's size: this
+        allocates nothing, so once apply_adapters starts changing the model it can't fail half-way."""
+        if hasattr(self, "lora_B0"):
+            W = self.base_layer.weight
+            tmp = buffer[:W.numel()].view(W.shape).copy_(W)
+            W.copy_(tmp.addmm_(self.lora_B0, self.lora_A0, alpha=-self.scaling))
 
     def forward(self, x):
         lead = x.shape[:-1]
@@ -256,7 +275,7 @@ class MissLinear(nn.Module):
         self.disabled = False
 
     @torch.no_grad()
-    def initialize(self, state=None):
+    def initialize(self, state=None, generator=None):
         if state is not None:
             self.miss_block.copy_(state["miss_block"])
 
@@ -312,9 +331,31 @@ def _check_state(targets, method, r, state):
         if tuple(state[key].shape) != tuple(shape):
             raise ValueError(f"{key}: adapter shape {tuple(state[key].shape)} does not fit the model's "
                              f"{tuple(shape)}")
+        if not state[key].is_floating_point() or not torch.isfinite(state[key]).all():
+            raise ValueError(f"{key}: adapter tensor is not finite floating point (dtype {state[key].dtype}, or "
+                             f"it holds NaN or Inf)")
     for key in state:
         if key not in want:
             raise ValueError(f"adapter tensor {key} matches no target module of this model")
+
+
+def _check_args(method, r, alpha, dropout, target_modules):
+    """-> alpha, defaulted; or a clear error for the first argument that is out of range."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if method == "miss" and alpha is not None:
+        raise ValueError("MiSS has no alpha; leave alpha=None")
+    real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)
+    if alpha is not None and not (real(alpha) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a positive finite number (the adapter is scaled by alpha/r), got {alpha!r}")
+    if not (real(dropout) and 0 <= dropout < 1):
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if not target_modules or not (isinstance(target_modules, str) or
+                                  all(isinstance(t, str) and t for t in target_modules)):
+        raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
+    return alpha if alpha is not None else (2 * r if method == "lora" else r)
 
 
 def _find_targets(model, method, r, target_modules, init_state):
@@ -327,8 +368,16 @@ def _find_targets(model, method, r, target_modules, init_state):
         have = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ValueError(f"target_modules {target_modules!r} match no nn.Linear in the model; its linear layers "
                          f"are named: {', '.join(have) or '(none)'}")
+    owners = {}  # storage -> every parameter name that uses it: tied weights share one
+    for n, prm in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(prm.data_ptr(), []).append(n)
     for name, mod in targets:
         W = mod.weight
+        tied = [n for n in owners.get(W.data_ptr(), []) if n != f"{name}.weight"]
+        if tied:
+            raise ValueError(f"{name}.weight is tied to {', '.join(tied)}: an adapter would change that too (the SVD "
+                             f"inits and merging rewrite the weight in place). Leave {name} out of target_modules, "
+                             f"or untie the weights first")
         if W.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}: weight dtype {W.dtype} is not a plain float; quantized or integer weights "
                             f"are not supported (apply adapters before quantizing)")
@@ -355,48 +404,80 @@ def _for_each(fn, items, parallel, desc):
     if not parallel or threads == 1 or torch.cuda.is_available():
         return [fn(x) for x in tqdm(items, desc=desc, unit="layer", leave=False)]
     torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(threads)
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="layer", leave=False))
-    finally:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="layer", leave=False))
+    finally:  # on an error or Ctrl-C, don't decompose the layers still queued
+        pool.shutdown(cancel_futures=True)
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _holding_interrupts():
+    """Ctrl-C inside the block takes effect when it ends, so the model is never left half-changed. (Signals only
+    reach the main thread; elsewhere this does nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
 
 
 def apply_adapters(model, method="milora", r=64, alpha=None, dropout=0.0, target_modules=PAPER_TARGETS,
                    init_state=None):
     """Wrap every nn.Linear named in target_modules with an adapter, in place; only adapters stay trainable.
 
-    method: "lora" (random A, B = 0), "pissa" (top-r SVD), "milora" (bottom-r SVD) or "miss".
-    alpha: LoRA-family scale numerator; scaling = alpha/r. Defaults as in the paper: 2r for LoRA, r for PiSSA
-        and MiLoRA (scaling 1). MiSS has no alpha.
+    method: "lora" (random A, B = 0), "pissa" (top-r SVD), "milora" (bottom-r SVD), "miss", or the paper's
+        ablations "middle" (the r triplets from index (m − r) // 2) and "random" (r random triplets).
+    alpha: LoRA-family scale numerator; scaling = alpha/r. Defaults as in the paper: 2r for LoRA, r for the SVD
+        inits (scaling 1). MiSS has no alpha.
     init_state: an adapter_state_dict() of an earlier run with the same settings. Its tensors are restored and the
         residual is rebuilt from its saved SVD factors instead of a new SVD, so a resumed run is exact.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
-    if method == "miss" and alpha is not None:
-        raise ValueError("MiSS has no alpha; leave alpha=None")
-    alpha = alpha if alpha is not None else (2 * r if method == "lora" else r)
-    targets = _find_targets(model, method, r, target_modules, init_state)
 
-    for p in model.parameters():
-        p.requires_grad_(False)
+    All or nothing: every argument, weight and state is checked and every layer decomposed before the model changes
+    at all, so an error or Ctrl-C leaves it exactly as it was.
+    """
+    alpha = _check_args(method, r, alpha, dropout, target_modules)
+    targets = _find_targets(model, method, r, target_modules, init_state)
     layers = [_make_layer(mod, method, r, alpha, dropout).train(mod.training) for _, mod in targets]  # eval stays eval
+    # "random" draws each layer's triplets from its own generator, seeded in order here, so that the parallel
+    # decomposition below gives the same picks on every run.
+    seeds = torch.randint(2 ** 62, (len(targets),)).tolist() if method == "random" else [0] * len(targets)
 
     def init(i):
         name = targets[i][0]
         state = None if init_state is None else \
             {k: init_state[f"{name}.{k}"] for k in ADAPTER_TENSORS if f"{name}.{k}" in init_state}
-        layers[i].initialize(state)
+        layers[i].initialize(state, torch.Generator().manual_seed(seeds[i]))
 
-    # The SVD inits are pure functions of each weight, so they may run one layer per core (LoRA's A comes from the
-    # global RNG and stays in order).
-    _for_each(init, range(len(targets)), parallel=method in PARTS, desc=f"{method} init")
+    # 1. The slow part, which changes nothing in the model: the SVD inits are pure functions of each weight, so they
+    #    may run one layer per core (LoRA's A comes from the global RNG and stays in order).
+    _for_each(init, range(len(targets)), parallel=method in PARTS and init_state is None, desc=f"{method} init")
     for (name, _), layer in zip(targets, layers):
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+        zeros = int((layer.lora_B0.abs().amax(0) == 0).sum()) if hasattr(layer, "lora_B0") else 0
+        if zeros:
+            warnings.warn(f"{name}: {zeros} of the {r} singular values {method} chose are 0, so those columns of B "
+                          f"and rows of A are 0 and get no gradient: they can't train", stacklevel=2)
+    # 2. The model changes here, in a step that allocates nothing and holds Ctrl-C until it is done.
+    buffers = {}  # one float32 scratch buffer per device, as large as the largest target
+    for _, mod in targets:
+        d = mod.weight.device
+        buffers[d] = max(buffers.get(d, 0), mod.weight.numel())
+    buffers = {d: torch.empty(n, device=d, dtype=torch.float32) for d, n in buffers.items()}
+    with _holding_interrupts():
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for (name, mod), layer in zip(targets, layers):
+            if isinstance(layer, LoraLinear):
+                layer.subtract_init_(buffers[mod.weight.device])
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
     return model
 
 
@@ -415,13 +496,14 @@ def merge_adapters(model):
 def disable_adapters(model):
     """Inside this block every adapter layer returns its frozen base only (the untouched model for loaded adapters)."""
     layers = [m for _, m in adapter_layers(model)]
+    before = [m.disabled for m in layers]  # restored on exit, so that nested blocks keep the outer one's state
     for m in layers:
         m.disabled = True
     try:
         yield model
     finally:
-        for m in layers:
-            m.disabled = False
+        for m, d in zip(layers, before):
+            m.disabled = d
 
 
 def adapter_state_dict(model):
@@ -433,6 +515,26 @@ def adapter_state_dict(model):
 # 4. PEFT-format adapters: safetensors + JSON, never pickle
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+
+
+def write_atomically(path, write):
+    """write(tmp_path), then rename it over path: a crash mid-save never leaves a half-written file where a
+    complete one was."""
+    tmp = f"{path}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj, path):
+    """obj as JSON to path, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    write_atomically(path, write)
 
 
 def save_adapter(model, path):
@@ -467,10 +569,9 @@ def save_adapter(model, path):
         config = dict(peft_type="LORA", r=k * first.r, lora_alpha=k * first.alpha, lora_dropout=p,
                       init_lora_weights=True, use_rslora=False, use_dora=False, fan_in_fan_out=False, **common)
     os.makedirs(path, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(path, WEIGHTS),
-              metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomically(os.path.join(path, WEIGHTS), lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    write_json(config, os.path.join(path, CONFIG))
 
 
 def load_adapter(model, path):
@@ -478,9 +579,13 @@ def load_adapter(model, path):
     files = [os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)]
     if not all(os.path.isfile(f) for f in files):
         raise FileNotFoundError(f"{path} is not an adapter directory: it needs {CONFIG} and {WEIGHTS}")
-    with open(files[0]) as f:
-        cfg = json.load(f)
-    kind = cfg.get("peft_type")
+    try:
+        with open(files[0]) as f:
+            cfg = json.load(f)
+        state = load_file(files[1])
+    except Exception as e:  # json's and safetensors' own errors: a truncated or corrupt file
+        raise ValueError(f"{path}: cannot read the adapter ({type(e).__name__}: {e})") from e
+    kind = cfg.get("peft_type") if isinstance(cfg, dict) else None
     unsupported = {"use_dora": True, "fan_in_fan_out": True, "rank_pattern": True, "alpha_pattern": True,
                    "modules_to_save": True, "layers_to_transform": True}
     bad = [k for k in unsupported if cfg.get(k)] + (["bias"] if cfg.get("bias", "none") != "none" else [])
@@ -490,12 +595,14 @@ def load_adapter(model, path):
         raise ValueError(f"{files[0]}: only plain LoRA and MiSS adapters load here (peft_type={kind!r}, "
                          f"unsupported options: {', '.join(bad) or 'none'})")
     # PEFT keys read base_model.model.<module>.lora_A.weight; ours are <module>.lora_A.
-    state = {k.removeprefix(PREFIX).removesuffix(".weight"): v for k, v in load_file(files[1]).items()}
-    r = cfg["r"]
+    state = {k.removeprefix(PREFIX).removesuffix(".weight"): v for k, v in state.items()}
+    r = cfg.get("r")
+    if "target_modules" not in cfg:
+        raise ValueError(f"{files[0]}: no target_modules")
     if kind == "MISS":
         return apply_adapters(model, "miss", r, None, cfg.get("miss_dropout", 0.0), cfg["target_modules"], state)
     alpha = cfg.get("lora_alpha", 8)
-    if cfg.get("use_rslora"):
+    if cfg.get("use_rslora") and isinstance(r, int) and isinstance(alpha, numbers.Real):
         alpha *= math.sqrt(r)  # rsLoRA scales by α/√r; α·√r / r says the same in our α/r
     return apply_adapters(model, "lora", r, alpha, cfg.get("lora_dropout", 0.0), cfg["target_modules"], state)
 

@@ -163,10 +163,10 @@ def test_exact_at_init(method, dtype):
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.base_layer.weight.dtype == dtype
     changed = not torch.equal(layer.base_layer.weight, base.model.layers[0].self_attn.q_proj.weight)
-    assert changed == (method in ("pissa", "milora"))
+    assert changed == (method in milora.PARTS)
 
 
-@pytest.mark.parametrize("method", ["pissa", "milora"])
+@pytest.mark.parametrize("method", list(milora.PARTS))
 def test_svd_init_is_identical_run_to_run(method):
     a = milora.apply_adapters(tiny_llama(), method, r=R)  # the layers decompose in parallel threads on a CPU
     b = milora.apply_adapters(tiny_llama(), method, r=R)
@@ -212,12 +212,12 @@ def test_disable_adapters_gives_the_frozen_base():
     assert rel_err(logits(model, IDS), logits(plain, IDS)) > 1e-3  # re-enabled on exit
 
 
-@pytest.mark.parametrize("method", ["pissa", "milora", "miss", "lora"])
+@pytest.mark.parametrize("method", METHODS)
 def test_init_state_resumes_bit_exactly(method):
     torch.manual_seed(0)
     trained = train_a_little(milora.apply_adapters(tiny_llama(), method, r=R))
     state = milora.adapter_state_dict(trained)
-    if method in ("pissa", "milora"):
+    if method in milora.PARTS:
         assert any(k.endswith("lora_A0") for k in state)
     resumed = milora.apply_adapters(tiny_llama(), method, r=R, init_state=state)
     for k, v in trained.state_dict().items():
@@ -270,7 +270,7 @@ def test_saved_adapter_loads_on_the_untouched_base_in_peft_and_here(method, dtyp
     milora.save_adapter(trained, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == ("MISS" if method == "miss" else "LORA")
-    if method in ("pissa", "milora"):  # converted to a plain LoRA of rank 2r with α doubled
+    if method in milora.PARTS:  # converted to a plain LoRA of rank 2r with α doubled
         assert cfg["r"] == 2 * R and cfg["lora_alpha"] == 2 * R
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in os.listdir(tmp_path))
     peft_model = PeftModel.from_pretrained(tiny_llama(dtype), tmp_path).eval()

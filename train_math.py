@@ -222,9 +222,7 @@ class AdapterTrainer(Trainer):
             if os.path.exists(os.path.join(output_dir, TRAINER_STATE)):
                 os.remove(os.path.join(output_dir, TRAINER_STATE))
             state = {k: v.detach().cpu().contiguous().clone() for k, v in milora.adapter_state_dict(self.model).items()}
-            path = os.path.join(output_dir, ADAPTER_STATE)
-            save_file(state, path + ".tmp")  # a crash mid-write leaves the .tmp, never a half-written file
-            os.replace(path + ".tmp", path)
+            milora.write_atomically(os.path.join(output_dir, ADAPTER_STATE), lambda f: save_file(state, f))
 
     def _load_from_checkpoint(self, checkpoint, model=None):
         # Nothing to load: main() built the model from this checkpoint's adapter state, before Trainer existed.
@@ -271,7 +269,8 @@ def last_checkpoint(output_dir):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="milora", choices=["lora", "pissa", "milora", "miss"])
+    p.add_argument("--method", default="milora", choices=milora.METHODS,
+                   help="middle and random are the paper's ablations: SVD triplets from the middle, or random ones")
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local dir, or 'tiny' (offline random Llama)")
     p.add_argument("--gguf_file", help="GGUF file name inside --model (a local dir), loaded through transformers")
     p.add_argument("--data", default="meta-math/MetaMathQA", help="hub id[:config], .json/.jsonl/.parquet, or 'toy'")
@@ -398,10 +397,7 @@ def main(argv=None):
                 path = os.path.join(args.output_dir, f)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         os.makedirs(args.output_dir, exist_ok=True)
-        path = os.path.join(args.output_dir, "args.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(vars(args), f, indent=2)
-        os.replace(path + ".tmp", path)
+        milora.write_json(vars(args), os.path.join(args.output_dir, "args.json"))
     trainer = AdapterTrainer(model=model, args=training_args, train_dataset=ds,
                              data_collator=functools.partial(collate, pad_id=tok.pad_token_id))
     t0 = time.time()
