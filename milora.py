@@ -79,10 +79,11 @@ def _rayleigh_ritz(Wm, X):
 
     The singular values come from Wm itself, not from σ² (which squares tiny σ away). Via QR of XᵀWm's transpose the
     SVD is only k×k, ~4× faster than LAPACK's direct route at these shapes."""
-    X = torch.linalg.qr(X).Q  # eigh's vectors are orthonormal only to ~√m·eps, which would scale every σ by as much
-    Qn, R = torch.linalg.qr(Wm.T @ X)  # (n×k) = (n×k)(k×k), so XᵀWm = Rᵀ Qnᵀ
+    # In float64: a float32 product would put ~√m·eps·σmax of rounding into every σ, 3× a float32 SVD's error.
+    X = torch.linalg.qr(X.double()).Q  # eigh's vectors are orthonormal only to ~√m·eps, which would scale σ as much
+    Qn, R = torch.linalg.qr(Wm.T.double() @ X)  # (n×k) = (n×k)(k×k), so XᵀWm = Rᵀ Qnᵀ
     Ur, S, Vrh = torch.linalg.svd(R.T)  # k×k each
-    return X @ Ur, S, Vrh @ Qn.T
+    return (X @ Ur).float(), S.float(), (Vrh @ Qn.T).float()
 
 
 def _max_angle(Wm, U, S, Vh, outside):

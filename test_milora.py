@@ -142,6 +142,99 @@ def test_svd_split_random_picks_true_triplets():
     torch.testing.assert_close(res + B @ A, W, atol=2e-6, rtol=0)
 
 
+def test_svd_split_middle_picks_the_official_mid_triplets():
+    W = spectrum_matrix(64, 96).float()
+    S = torch.linalg.svdvals(W.double())
+    B, A, res = milora.svd_split(W, R, "middle")
+    start = (64 - R) // 2  # the official code's "mid" mode
+    torch.testing.assert_close(B.double().norm(dim=0) * A.double().norm(dim=1), S[start:start + R], atol=1e-6, rtol=0)
+    torch.testing.assert_close(res + B @ A, W, atol=2e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- svd_split on hard inputs
+# Random matrices have benign spectra; real q_proj/o_proj weights reach σmin/σmax ~ 1e-6, where the float32 Gram
+# matrix alone returns a rotated mix of minor directions (φ ~ 0.5). These tests fail if that route comes back.
+
+
+def triplet_errors(B, A, W, idx):
+    """(1 − φ, worst |σ − σ₆₄| / σmax) of the split's triplets idx against float64 SVD of the same weight. φ is the
+    worse of the two sides, over triplets whose σ isn't 0 (a null space has no preferred basis)."""
+    W64 = W.double()
+    U, S, Vh = torch.linalg.svd(W64, full_matrices=False)
+    s = B.double().norm(dim=0) * A.double().norm(dim=1)  # B = u√σ, A = √σ vᵀ
+    live = S[idx] > 1e-6 * S[0]
+    phi = 1.0
+    if live.any():
+        Bq, Aq = torch.linalg.qr(B.double()[:, live])[0], torch.linalg.qr(A.double()[live].T)[0]
+        phi = min(milora.subspace_similarity(Bq, U[:, idx][:, live]),
+                  milora.subspace_similarity(Aq, Vh[idx][live].T))
+    return 1 - phi, ((s.sort().values - S[idx].sort().values).abs().max() / S[0]).item()
+
+
+def assert_reconstructs(W, B, A, res):
+    """res + B A = W to float32 rounding: elementwise within the GEMM bound (r + 2)·eps·(|W| + |B||A|)."""
+    B, A, W = B.double(), A.double(), W.double()
+    bound = (B.shape[1] + 2) * torch.finfo(torch.float32).eps * (W.abs() + B.abs() @ A.abs())
+    assert ((res.double() + B @ A - W).abs() <= bound).all()
+
+
+def hard_weight(kind, shape, r):
+    """Known U, V (seeded) and one of the spectra real weights can have, in float64."""
+    m = min(shape)
+    if kind == "condition 1e6":  # geometric decay over six decades
+        s = torch.logspace(0, -6, m, dtype=torch.float64)
+    elif kind == "minor cluster":  # the r smallest within 1e-5 of each other, well below the rest
+        s = torch.logspace(0, -2, m, dtype=torch.float64)
+        s[-r:] = 1e-3 * (1 + 1e-5 * torch.arange(r, 0, -1))
+    elif kind == "cluster across r":  # 2r values 3e-4 apart around the split, as in real weights (gaps ~1.0003)
+        s = torch.logspace(0, -3, m, dtype=torch.float64)
+        s[-2 * r:] = 1e-3 * (1 + 3e-4 * torch.arange(2 * r, 0, -1))
+    else:  # "rank deficient": r/2 exact zeros
+        s = torch.logspace(0, -3, m, dtype=torch.float64)
+        s[-r // 2:] = 0
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(shape[0], m, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(shape[1], m, generator=g, dtype=torch.float64))[0]
+    return (U * s) @ V.T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 1e18, 1e-18])
+@pytest.mark.parametrize("kind", ["condition 1e6", "minor cluster", "cluster across r", "rank deficient"])
+def test_split_of_hard_spectra_is_at_least_as_accurate_as_float32_svd(kind, scale, dtype):
+    for shape in [(96, 160), (160, 96)]:
+        W = (hard_weight(kind, shape, R) * scale).to(dtype)
+        if not torch.isfinite(W).all():  # 1e18 overflows float16: the weight itself is Inf, and is refused
+            assert dtype == torch.float16 and scale == 1e18
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                milora.svd_split(W, R, "minor")
+            continue
+        for part in ("minor", "principal", "middle"):
+            B, A, res = milora.svd_split(W, R, part)
+            assert all(torch.isfinite(t).all() for t in (B, A, res))
+            assert_reconstructs(W, B, A, res)
+            if W.abs().max() == 0:  # 1e-18 underflows float16 to an all-zero weight: nothing to train
+                assert not B.any() and not A.any()
+                continue
+            idx = milora._triplet_indices(min(shape), R, part)
+            U3, S3, Vh3 = torch.linalg.svd(W.float(), full_matrices=False)  # what PEFT and the official code use
+            ours, theirs = triplet_errors(B, A, W, idx), triplet_errors(U3[:, idx] * S3[idx], Vh3[idx], W, idx)
+            where = f"{kind}, {shape}, ×{scale:g}, {dtype}, {part}"
+            assert ours[0] <= max(2 * theirs[0], 2e-7), f"{where}: 1 − φ {ours[0]:.1e}, float32 SVD {theirs[0]:.1e}"
+            assert ours[1] <= max(2 * theirs[1], 2e-7), f"{where}: σ error {ours[1]:.1e}, float32 SVD {theirs[1]:.1e}"
+
+
+def test_split_refuses_nan_and_returns_exact_zeros_where_sigma_is_zero():
+    W = torch.randn(48, 80)
+    W[:5] = 0  # rank 43: five exactly zero singular values
+    B, A, res = milora.svd_split(W, R, "minor")
+    assert (B.abs().amax(0) == 0).sum() == 5 and (A.abs().amax(1) == 0).sum() == 5
+    assert res[:5].abs().max() <= 1e-6 * W.abs().max()  # the zero rows stay zero, up to the other u's rounding
+    W[7, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        milora.svd_split(W, R, "minor")
+
+
 # ----------------------------------------------------------------------------- layers and patching
 
 
@@ -448,6 +541,28 @@ def test_milora_on_real_smollm2_is_exact(smollm2):
                                atol=1e-6, rtol=0)
     torch.testing.assert_close(torch.linalg.svdvals(layer.base_layer.weight.double())[:-64], S[:-64],
                                atol=1e-5, rtol=0)
+
+
+# All seven projections of layer 0, and q_proj/o_proj (the hardest: σmin/σmax 1e-6 to 1e-4) of three more layers.
+REAL_MATRICES = [f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                  "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+REAL_MATRICES += [f"model.layers.{i}.self_attn.{m}" for i in (5, 12, 23) for m in ("q_proj", "o_proj")]
+
+
+@pytest.mark.parametrize("name", REAL_MATRICES)
+def test_split_of_real_smollm2_weights_is_exact(smollm2, name):
+    W = smollm2.get_submodule(name).weight.detach()
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    for r in (8, 16, 64):
+        for part, pick in (("minor", slice(-r, None)), ("principal", slice(0, r))):
+            B, A, res = milora.svd_split(W, r, part)
+            assert all(torch.isfinite(t).all() for t in (B, A, res))
+            Bq, Aq = torch.linalg.qr(B.double())[0], torch.linalg.qr(A.double().T)[0]
+            assert milora.subspace_similarity(Bq, U[:, pick]) >= 0.999, (part, r)
+            assert milora.subspace_similarity(Aq, Vh[pick].T) >= 0.999, (part, r)
+            s = B.double().norm(dim=0) * A.double().norm(dim=1)
+            assert (s.sort().values - S[pick].sort().values).abs().max() <= 1e-5 * S[0], (part, r)
+            assert_reconstructs(W, B, A, res)
 
 
 # ----------------------------------------------------------------------------- the demo
