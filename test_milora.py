@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import string
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import eval_gsm8k
@@ -455,6 +456,13 @@ def assert_untouched(model, reference):
     (dict(r=32), r"r=32 is too large for model\.layers\.0\.self_attn\.k_proj \(weight 32×64\)"),
     (dict(target_modules=["query"]), "its linear layers are named: down_proj, gate_proj, k_proj, lm_head"),
     (dict(method="miss", alpha=8), "MiSS has no alpha"),
+    (dict(method="milora", alpha=0), "alpha must be a positive finite number"),  # was: NaN written into weights
+    (dict(method="pissa", alpha=-8), "alpha must be a positive finite number"),
+    (dict(method="milora", alpha=float("nan")), "alpha must be a positive finite number"),
+    (dict(dropout=1.5), r"dropout must be a probability in \[0, 1\), got 1.5"),  # was: failed after freezing
+    (dict(dropout=-0.1), "dropout must be a probability"),
+    (dict(r=8.0), "r must be a positive integer"),
+    (dict(target_modules=[]), "target_modules must be a regex string or a non-empty list"),
 ])
 def test_bad_arguments_name_the_culprit_and_change_nothing(kwargs, message):
     model = tiny_llama()
@@ -476,6 +484,125 @@ def test_non_float_or_nonfinite_weights_are_refused():
     with pytest.raises(TypeError, match=r"model\.layers\.1\.mlp\.down_proj: weight dtype torch\.int8"):
         milora.apply_adapters(model, "pissa", r=R)
     assert not milora.adapter_layers(model)
+
+
+@pytest.mark.parametrize("targets", [["lm_head"], ".*"])
+def test_tied_weights_are_refused(targets):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                         tie_word_embeddings=True)).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lm_head\.weight is tied to model\.embed_tokens\.weight"):
+        milora.apply_adapters(model, "milora", r=R, target_modules=targets)
+    assert_untouched(model, reference)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("method", ["milora", "lora"])
+def test_apply_is_all_or_nothing_when_it_fails_mid_way(method, error, monkeypatch):
+    model = tiny_llama()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    calls, initialize = [], milora.LoraLinear.initialize
+
+    def fails_on_the_fourth_layer(self, *args):
+        calls.append(self)
+        if len(calls) == 4:
+            raise error("stopped half-way")
+        return initialize(self, *args)
+
+    monkeypatch.setattr(milora.LoraLinear, "initialize", fails_on_the_fourth_layer)
+    with pytest.raises(error):
+        milora.apply_adapters(model, method, r=R)
+    assert len(calls) >= 4  # layers before the failure had been initialised
+    assert_untouched(model, reference)
+
+
+def test_ctrl_c_while_the_model_changes_takes_effect_when_it_is_consistent(monkeypatch):
+    model = tiny_llama()
+    ref = logits(model, IDS)
+    subtract = milora.LoraLinear.subtract_init_
+
+    def interrupted(self, buffer):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives while the residuals are being written
+        return subtract(self, buffer)
+
+    monkeypatch.setattr(milora.LoraLinear, "subtract_init_", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        milora.apply_adapters(model, "milora", r=R)
+    assert len(milora.adapter_layers(model)) == 2 * len(TARGETS)  # every layer changed, none half-way
+    assert rel_err(logits(model, IDS), ref) < 1e-5
+
+
+def test_zero_singular_values_are_named_in_a_warning():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight[:3] = 0  # rank 61 of 64
+    with pytest.warns(UserWarning, match=r"model\.layers\.1\.self_attn\.q_proj: 3 of the 8 singular values milora "
+                                         r"chose are 0.*can't train"):
+        milora.apply_adapters(model, "milora", r=R)
+    layer = model.model.layers[1].self_attn.q_proj
+    assert (layer.lora_B.abs().amax(0) == 0).sum() == 3 and (layer.lora_A.abs().amax(1) == 0).sum() == 3
+
+
+def test_nonfinite_or_unreadable_adapters_and_states_are_refused(tmp_path):
+    trained = train_a_little(milora.apply_adapters(tiny_llama(), "milora", r=R))
+    state = milora.adapter_state_dict(trained)
+    key = next(k for k in state if k.endswith("lora_B0"))
+    bad = {k: v.clone() for k, v in state.items()}
+    bad[key][0, 0] = float("nan")
+    model = tiny_llama()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape(key) + ": adapter tensor is not finite"):
+        milora.apply_adapters(model, "milora", r=R, init_state=bad)
+    assert_untouched(model, reference)
+    milora.save_adapter(trained, tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+    tensors[first][0, 0] = float("inf")
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match="adapter tensor is not finite"):
+        milora.load_adapter(model, tmp_path)
+    assert_untouched(model, reference)
+    weights.write_bytes(good[:len(good) // 2])  # a save cut short
+    with pytest.raises(ValueError, match="cannot read the adapter"):
+        milora.load_adapter(model, tmp_path)
+    weights.write_bytes(good)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "lora_dropout": 2}))  # a PEFT config typo
+    with pytest.raises(ValueError, match="dropout must be a probability in \\[0, 1\\), got 2"):
+        milora.load_adapter(model, tmp_path)
+    assert_untouched(model, reference)
+
+
+def test_nested_disable_adapters_keeps_the_outer_block_disabled():
+    model = train_a_little(milora.apply_adapters(tiny_llama(), "lora", r=R))
+    base = logits(tiny_llama(), IDS)
+    with milora.disable_adapters(model):
+        with milora.disable_adapters(model):
+            pass
+        torch.testing.assert_close(logits(model, IDS), base)  # still disabled: the outer block is active
+    assert rel_err(logits(model, IDS), base) > 1e-3
+
+
+def test_save_adapter_never_leaves_a_half_written_file(tmp_path, monkeypatch):
+    model = train_a_little(milora.apply_adapters(tiny_llama(), "milora", r=R))
+    milora.save_adapter(model, tmp_path)
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    train_a_little(model)
+
+    def dies_mid_write(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError("the machine died")
+
+    monkeypatch.setattr(milora, "save_file", dies_mid_write)
+    with pytest.raises(OSError, match="died"):
+        milora.save_adapter(model, tmp_path)
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before  # the complete one, untouched
 
 
 def test_patching_twice_is_refused():
