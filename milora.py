@@ -8,7 +8,7 @@ same with the r *largest* triplets, LoRA starts from a random A and B = 0, and M
 r×out matrix shared by the input's r-sized shards.
 
 Read top to bottom, small to large:
-  1. svd_split            the exact minor/principal split, faster than a full SVD
+  1. svd_split            the minor/principal split, as accurate as a full SVD and faster
   2. LoraLinear, MissLinear  the two adapter layers
   3. apply_adapters, merge_adapters, disable_adapters, adapter_state_dict   model patching
   4. save_adapter, load_adapter   PEFT-format adapters that apply to the untouched base model
@@ -59,7 +59,7 @@ def _residual(W, B, A, scale):
 
 EPS = torch.finfo(torch.float32).eps
 MARGIN = 16  # Gram eigenvectors taken beyond each end of the chosen ones, so that Rayleigh–Ritz settles near-ties
-MAX_ANGLE = 1e-3  # accept a split when every chosen singular vector is provably within this angle of the true one
+MAX_ANGLE = 1e-3  # accept a split when a residual bound puts every chosen vector within this angle (rad)
 MAX_ITERS = 8  # inverse-iteration steps before giving up and taking a full SVD
 
 
@@ -146,24 +146,6 @@ def _singular_triplets(Wm, idx):
 
 
 @torch.no_grad()
-def svd_split(weight, r, part="minor", scale=1.0, generator=None):
-    """Split W (out×in) into B (out×r), A (r×in) and residual = W − scale·B@A, all float32.
-
-    B = U_r·√(S_r/scale) and A = √(S_r/scale)·V_rᵀ are true singular factors of W for r of its triplets:
-    part="minor" takes the r smallest (MiLoRA), "principal" the r largest (PiSSA), "middle" the r from index
-    (m − r) // 2 and "random" r random ones (the paper's ablations). Dividing S by scale = α/r, as PEFT does, keeps
-    W = residual + scale·B@A for any α.
-
-    Accuracy contract: every returned triplet is as accurate as float32 torch.linalg.svd's (each σ within ~1e-6·σmax,
-    each vector's angle to the true one under 1e-3, checked a posteriori on W itself), at any condition number and
-    scale; singular values below float32's resolution (2·eps·σmax) are returned as exactly 0, so B and A are 0 there.
-    """
-    B, A = _svd_factors(weight, r, part, scale, generator)
-    W = weight.detach().to(B.device, torch.float32)
-    return B, A, _residual(W, B, A, scale)
-
-
-@torch.no_grad()
 def _svd_factors(weight, r, part="minor", scale=1.0, generator=None):
     """svd_split without the residual: B (out×r) and A (r×in) on the decomposition device."""
     if part not in PARTS.values():
@@ -192,6 +174,24 @@ def _svd_factors(weight, r, part="minor", scale=1.0, generator=None):
     U, Vh = U * sign, Vh * sign.T
     sqrt_s = (S / scale).sqrt()  # r
     return U * sqrt_s, sqrt_s[:, None] * Vh  # B out×r, A r×in
+
+
+@torch.no_grad()
+def svd_split(weight, r, part="minor", scale=1.0, generator=None):
+    """Split W (out×in) into B (out×r), A (r×in) and residual = W − scale·B@A, all float32.
+
+    B = U_r·√(S_r/scale) and A = √(S_r/scale)·V_rᵀ are true singular factors of W for r of its triplets:
+    part="minor" takes the r smallest (MiLoRA), "principal" the r largest (PiSSA), "middle" the r from index
+    (m − r) // 2 and "random" r random ones (the paper's ablations). Dividing S by scale = α/r, as PEFT does, keeps
+    W = residual + scale·B@A for any α.
+
+    Accuracy contract: each triplet is as accurate as float32 torch.linalg.svd's (σ to ~1e-7·σmax, vectors checked
+    within 1e-3 rad by their residual on W) at any condition number, scale and dtype, with σ below float32's
+    resolution (2·eps·σmax) returned as exactly 0.
+    """
+    B, A = _svd_factors(weight, r, part, scale, generator)
+    W = weight.detach().to(B.device, torch.float32)
+    return B, A, _residual(W, B, A, scale)
 
 
 # -----------------------------------------------------------------------------
