@@ -131,6 +131,9 @@ def _singular_triplets(Wm, idx):
     the check fails on the minor side, and a full SVD is the last resort (also for a failing middle or random pick).
     Singular values below float32's resolution (2·eps·σmax) come back as exactly 0."""
     m = Wm.shape[0]
+    if int(idx.max()) - int(idx.min()) >= m // 2:  # scattered picks ("random"): the block would be most of the
+        U, S, Vh = torch.linalg.svd(Wm, full_matrices=False)  # spectrum, and the Gram route would save nothing
+        return U[:, idx], torch.where(S[idx] > 2 * EPS * S[0], S[idx], 0), Vh[idx]
     h = m // 2  # eigh reads only the lower triangle of Wm Wmᵀ: skip its top-right block, a quarter of the work
     gram = torch.cat([F.pad(Wm[:h] @ Wm[:h].T, (0, m - h)), Wm[h:] @ Wm.T])  # m×m
     lam, Q = torch.linalg.eigh(gram)  # ascending
