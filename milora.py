@@ -257,10 +257,9 @@ class LoraLinear(nn.Module):
     def subtract_init_(self, buffer):
         """W ← W − (α/r)·B₀A₀ in place, in W's own dtype, through a float32 `buffer` of at least W's size: this
         allocates nothing, so once apply_adapters starts changing the model it can't fail half-way."""
-        if hasattr(self, "lora_B0"):
-            W = self.base_layer.weight
-            tmp = buffer[:W.numel()].view(W.shape).copy_(W)
-            W.copy_(tmp.addmm_(self.lora_B0, self.lora_A0, alpha=-self.scaling))
+        W = self.base_layer.weight
+        tmp = buffer[:W.numel()].view(W.shape).copy_(W)
+        W.copy_(tmp.addmm_(self.lora_B0, self.lora_A0, alpha=-self.scaling))
 
     def forward(self, x):
         lead = x.shape[:-1]
@@ -477,16 +476,15 @@ def apply_adapters(model, method="milora", r=64, alpha=None, dropout=0.0, target
             warnings.warn(f"{name}: {zeros} of the {r} singular values {method} chose are 0, so those columns of B "
                           f"and rows of A are 0 and get no gradient: they can't train", stacklevel=2)
     # 2. The model changes here, in a step that allocates nothing and holds Ctrl-C until it is done.
-    buffers = {}  # one float32 scratch buffer per device, as large as the largest target
-    for _, mod in targets:
-        d = mod.weight.device
-        buffers[d] = max(buffers.get(d, 0), mod.weight.numel())
-    buffers = {d: torch.empty(n, device=d, dtype=torch.float32) for d, n in buffers.items()}
+    sizes = {}  # the SVD inits write residuals through one float32 scratch buffer per device, of the largest size
+    for _, mod in (targets if method in PARTS else []):
+        sizes[mod.weight.device] = max(sizes.get(mod.weight.device, 0), mod.weight.numel())
+    buffers = {d: torch.empty(n, device=d, dtype=torch.float32) for d, n in sizes.items()}
     with _holding_interrupts():
         for p in model.parameters():
             p.requires_grad_(False)
         for (name, mod), layer in zip(targets, layers):
-            if isinstance(layer, LoraLinear):
+            if method in PARTS:
                 layer.subtract_init_(buffers[mod.weight.device])
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)

@@ -32,6 +32,13 @@ TARGETS = list(milora.PAPER_TARGETS)
 R = 8
 
 
+@pytest.fixture(autouse=True)
+def _in_an_empty_directory(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty working directory of its own, so that none reads or writes the checkout: the
+    scripts' default --output_dir (out-math/) may hold the demo's run there."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
