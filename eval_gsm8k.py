@@ -18,8 +18,17 @@ forgotten) and print the raw cross-entropy beside it. With --adapter, p_base is 
 milora.disable_adapters; without one, give the base as --base_model. The text defaults to docstrings of a few
 stdlib modules (ships with Python, deterministic); --forgetting_text takes a text file or a dataset
 ('Salesforce/wikitext:wikitext-103-raw-v1' is the paper's, needs the hub).
+
+--analysis R runs the paper's section 5 on the adapter's update ΔW of every adapted W (milora.delta_analysis, R the
+training rank): the amplification factor of Table 7 for the middle layer's q_proj, and the subspace similarity φ
+of ΔW's top-R singular vectors to W's R largest, R smallest and R random ones (Figure 2), averaged over matrices.
+
+--report DIR summarises a study (README, "Does MiLoRA forget less?"): every DIR/*/*.summary.json, grouped by the
+method and seed in the args.json that train_math.py left beside each adapter. It writes DIR/study.json (every
+figure), DIR/study.csv (a row per run) and DIR/study.md (mean ± std per method), and plots accuracy against
+forgetting to --plot when matplotlib is installed.
 """
-import argparse, importlib, inspect, json, os, re, sys, time
+import argparse, csv, glob, importlib, inspect, json, math, os, re, sys, time
 from fractions import Fraction
 
 import torch
@@ -114,6 +123,138 @@ def forgetting_loss(model, tok, text, base=None, block=512, max_tokens=8192):
     return kl / n, ce / n
 
 
+@torch.no_grad()
+def analysis(model, r):
+    """milora.delta_analysis of every adapted matrix: Table 7's figures for the middle layer's q_proj (the paper's
+    choice, after Hu et al.) and down_proj (its Table 14), φ averaged over every matrix (Figure 2), and each matrix's
+    own figures under "layers"."""
+    layers = milora.adapter_layers(model)
+    if not layers:
+        sys.exit("--analysis needs an adapter: give --adapter")
+    depth = {n: int(m.group(1)) for n, _ in layers if (m := re.search(r"\.(\d+)\.", n))}
+    middle = (max(depth.values(), default=0)) // 2  # 0-based: the 16th of LLaMA2-7B's 32, the 15th of SmolLM2's 30
+    generator = torch.Generator().manual_seed(0)  # the random subspaces: the same in every run
+    per = {n: milora.delta_analysis(m.delta_weight(torch.float64), m.base_layer.weight, r, generator=generator)
+           for n, m in tqdm(layers, desc="analysis", unit="matrix")}
+    mean = lambda k: sum(v[k] for v in per.values()) / len(per)
+    out = {"analysis_rank": r}
+    for kind in ("q_proj", "down_proj"):
+        name = next((n for n in per if n.endswith(kind) and depth.get(n, 0) == middle), None)
+        if name:
+            out[f"{kind}_layer"] = name
+            out.update({f"{kind}_{k}": per[name][k] for k in ("w_proj", "dw_proj", "amplification")})
+    out.update({k: mean(k) for k in ("amplification", "phi_principal", "phi_minor", "phi_random")})
+    out["amplification_mean"] = out.pop("amplification")  # over every matrix, beside the paper's single one
+    out["layers"] = per
+    return out
+
+
+FIGURES = {  # what --report tabulates: (column title, number format)
+    "accuracy": ("held-out accuracy", ".3f"), "forgetting_kl": ("forgetting KL", ".4f"),
+    "forgetting_ce": ("forgetting CE", ".3f"), "q_proj_amplification": ("amplification, mid q_proj", ".3f"),
+    "amplification_mean": ("amplification, mean", ".3f"), "phi_principal": ("φ to W's principal", ".3f"),
+    "phi_minor": ("φ to W's minor", ".3f"), "phi_random": ("φ to random", ".3f")}
+
+
+def mean_std(values):
+    """-> (mean, sample standard deviation); no deviation (None) for a single value."""
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+
+
+def study_runs(folder):
+    """One row per run: every folder/*/*.summary.json, with the method and seed it was trained with ('base' for the
+    model without an adapter) and its FIGURES."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "*", "*.summary.json"))):
+        with open(path) as f:
+            s = json.load(f)
+        train = s.get("train") or {}
+        rows.append({"run": os.path.relpath(path, folder), "method": train.get("method", "base"),
+                     "seed": train.get("seed"), **{k: s.get(k) for k in FIGURES}})
+    if not rows:
+        sys.exit(f"--report {folder}: no */*.summary.json in it (eval_gsm8k.py --output DIR/RUN/eval.jsonl writes one)")
+    return rows
+
+
+def study_table(rows):
+    """-> {method: {"runs": n, figure: (mean, std)}}: base first, then the methods in milora.METHODS order."""
+    order = ("base",) + milora.METHODS
+    table = {}
+    for method in sorted({r["method"] for r in rows}, key=lambda m: order.index(m) if m in order else len(order)):
+        runs = [r for r in rows if r["method"] == method]
+        table[method] = {"runs": len(runs)}
+        for k in FIGURES:
+            values = [r[k] for r in runs if r[k] is not None]
+            if values:
+                table[method][k] = mean_std(values)
+    return table
+
+
+def markdown(table):
+    cell = lambda v, f: "" if v is None else f"{v[0]:{f}}" + ("" if v[1] is None else f" ± {v[1]:{f}}")
+    lines = ["| method | runs | " + " | ".join(title for title, _ in FIGURES.values()) + " |",
+             "|---" * (len(FIGURES) + 2) + "|"]
+    lines += [f"| {m} | {t['runs']} | " + " | ".join(cell(t.get(k), f) for k, (_, f) in FIGURES.items()) + " |"
+              for m, t in table.items()]
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    """Held-out accuracy against forgetting, a point per run, a colour per method; the base model as a line.
+    Needs matplotlib (pip install matplotlib), the one package only this step uses: without it, no plot."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no plot: {path} needs matplotlib (pip install matplotlib); the table is written without it")
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    for method in study_table(rows):
+        runs = [r for r in rows if r["method"] == method]
+        if method == "base":
+            for r in runs:
+                ax.axhline(r["accuracy"], color="gray", ls="--", lw=1, label="base model (no finetuning)")
+        else:
+            ax.scatter([r["forgetting_kl"] for r in runs], [r["accuracy"] for r in runs], label=method, s=36,
+                       alpha=0.8)
+    ax.set_xlabel("forgetting: KL(p_base || p_ft) on held-out general text, lower is better")
+    ax.set_ylabel("held-out toy-problem accuracy")
+    ax.legend(fontsize=8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(folder, plot_path):
+    """The study's summary of every run in `folder`: study.json (settings, every run's figures, mean ± std per
+    method), study.csv (a row per run), the markdown table printed, and the plot."""
+    rows = study_runs(folder)
+    table = study_table(rows)
+    settings = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*", "args.json"))):
+        with open(path) as f:
+            a = json.load(f)
+        keep = ("method", "model", "data", "rank", "alpha", "dropout", "lr", "max_steps", "batch_size", "warmup_steps")
+        settings.setdefault(a["method"], {k: a.get(k) for k in keep if k != "method"})
+    result = {"settings": settings, "table": {m: {k: (v if k == "runs" else dict(zip(("mean", "std"), v)))
+                                                  for k, v in t.items()} for m, t in table.items()}, "runs": rows}
+    milora.write_json(result, os.path.join(folder, "study.json"))
+    with open(os.path.join(folder, "study.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    text = markdown(table)
+    with open(os.path.join(folder, "study.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    written = plot(rows, plot_path)
+    print(f"wrote {folder}/study.json, study.csv, study.md{f' and {written}' if written else ''}")
+    return result
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -129,9 +270,19 @@ def parse_args(argv):
     p.add_argument("--forgetting_text", help="text file or dataset id[:config] (default: stdlib docstrings)")
     p.add_argument("--forgetting_tokens", type=int, default=8192, help="use at most this many tokens of it")
     p.add_argument("--base_model", help="the base model for --forgetting when there is no --adapter")
+    p.add_argument("--analysis", type=int, metavar="R", help="also analyse the adapter's ΔW against W with R "
+                   "singular directions, the training rank (see above)")
+    p.add_argument("--report", metavar="DIR", help="evaluate nothing: summarise the runs in DIR/*/ (see above)")
+    p.add_argument("--plot", default="assets/replication.png", help="--report's plot (needs matplotlib)")
     args = p.parse_args(argv)
+    if args.report:
+        if not os.path.isdir(args.report):
+            sys.exit(f"--report {args.report}: no such directory")
+        return args
     check_ranges(args, limit=AT_LEAST_1, batch_size=AT_LEAST_1, max_new_tokens=AT_LEAST_1,
-                 forgetting_tokens=AT_LEAST_1)
+                 forgetting_tokens=AT_LEAST_1, analysis=AT_LEAST_1)
+    if args.analysis and not args.adapter:
+        sys.exit("--analysis studies an adapter's update: give --adapter")
     if args.adapter and not os.path.isdir(args.adapter):
         sys.exit(f"--adapter {args.adapter}: no such directory")
     if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
@@ -154,6 +305,8 @@ def gold_answers(ds, data):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report:
+        return report(args.report, args.plot)
     ds = load_data(args.data, "test", ("question", "answer"), args.limit)  # data first: its errors come at once
     golds = gold_answers(ds, args.data)
     text = forgetting_text(args.forgetting_text) if args.forgetting else None
@@ -177,7 +330,12 @@ def main(argv=None):
         rows.append({"question": q, "gold": as_json(gold), "completion": c, "prediction": as_json(pred),
                      "correct": pred is not None and pred == gold})
     correct = sum(r["correct"] for r in rows)
+    train = os.path.join(os.path.dirname(os.path.abspath(args.adapter)), "args.json") if args.adapter else None
+    if train and os.path.isfile(train):  # the adapter came from train_math.py: say how it was trained
+        with open(train) as f:
+            train = json.load(f)
     summary = {"model": args.model, "gguf_file": args.gguf_file, "adapter": args.adapter, "data": args.data,
+               "train": train if isinstance(train, dict) else None,
                "correct": correct, "total": len(rows), "accuracy": correct / max(1, len(rows)),
                "seconds": seconds, "problems_per_s": len(rows) / seconds, "batch_size": args.batch_size}
     print(f"generation: {len(rows)} problems in {seconds:.1f} s ({summary['problems_per_s']:.2f} problems/s)")
@@ -189,6 +347,13 @@ def main(argv=None):
         summary["forgetting_kl"], summary["forgetting_ce"] = forgetting_loss(
             model, tok, text, base, max_tokens=args.forgetting_tokens)
         print(f"forgetting: {summary['forgetting_kl']:.6f} (KL to base; cross-entropy {summary['forgetting_ce']:.4f})")
+
+    if args.analysis:
+        summary.update(analysis(model, args.analysis))
+        print(f"analysis, r={args.analysis}: amplification {summary.get('q_proj_amplification', float('nan')):.2f} "
+              f"({summary.get('q_proj_layer')}; mean over all {summary['amplification_mean']:.2f}); subspace "
+              f"similarity of ΔW to W's principal {summary['phi_principal']:.3f}, minor {summary['phi_minor']:.3f}, "
+              f"random {summary['phi_random']:.3f}")
 
     if args.output:
         with open(args.output, "w") as f:

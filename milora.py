@@ -12,7 +12,7 @@ Read top to bottom, small to large:
   2. LoraLinear, MissLinear  the two adapter layers
   3. apply_adapters, merge_adapters, disable_adapters, adapter_state_dict   model patching
   4. save_adapter, load_adapter   PEFT-format adapters that apply to the untouched base model
-  5. subspace_similarity, amplification_factor   the paper's analyses (appendix A.1, Table 7)
+  5. subspace_similarity, amplification_factor, delta_analysis   the paper's analyses (section 5, appendix A.1)
   6. __main__            a one-minute demo:  python milora.py
 
 Needs torch, safetensors and tqdm; nothing else.
@@ -272,8 +272,8 @@ class LoraLinear(nn.Module):
             _add_matmul_(y, h, self.lora_B.T, self.scaling)
         return y.view(*lead, -1)
 
-    def delta_weight(self):
-        return self.scaling * (self.lora_B @ self.lora_A)  # out×in
+    def delta_weight(self, dtype=torch.float32):
+        return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))  # out×in
 
 
 class MissLinear(nn.Module):
@@ -305,10 +305,10 @@ class MissLinear(nn.Module):
             _add_matmul_(y, shard_sum, self.miss_block)
         return y.view(*lead, -1)
 
-    def delta_weight(self):
+    def delta_weight(self, dtype=torch.float32):
         # Column j of the input is summed into shard slot j mod r, so ΔW[o, j] = D[j mod r, o].
         in_f = self.base_layer.weight.shape[1]
-        return self.miss_block.T.repeat(1, -(-in_f // self.r))[:, :in_f]  # out×in
+        return self.miss_block.T.to(dtype).repeat(1, -(-in_f // self.r))[:, :in_f]  # out×in
 
 
 ADAPTER_LAYERS = (LoraLinear, MissLinear)
@@ -631,8 +631,28 @@ def subspace_similarity(U1, U2):
 def amplification_factor(delta_w, w, r):
     """‖UᵀΔW V‖_F / ‖UᵀW V‖_F, U and V the top-r singular vectors of ΔW (Table 7): how much ΔW amplifies
     directions that W itself barely uses."""
+    return delta_analysis(delta_w, w, r, similarity=False)["amplification"]
+
+
+def delta_analysis(delta_w, w, r, similarity=True, generator=None):
+    """The paper's section 5 on one update ΔW of a pretrained W (both out×in), in float64:
+      w_proj, dw_proj, amplification   Table 7: ‖UᵀW V‖_F, ‖UᵀΔW V‖_F and their ratio, U and V ΔW's top r
+      phi_principal, phi_minor, phi_random   Figure 2: φ of ΔW's top-r singular vectors to W's r largest, r
+                                       smallest and r random ones (left and right sides averaged)"""
     U, S, Vh = torch.linalg.svd(delta_w.double(), full_matrices=False)
-    return (S[:r].norm() / (U[:, :r].T @ w.double() @ Vh[:r].T).norm()).item()  # ‖UᵀΔW V‖_F = ‖S_r‖
+    U, S, V = U[:, :r], S[:r], Vh[:r].T  # out×r, r, in×r
+    W = w.double()
+    out = {"w_proj": (U.T @ W @ V).norm().item(), "dw_proj": S.norm().item()}  # ‖UᵀΔW V‖_F = ‖diag(S)‖_F
+    out["amplification"] = out["dw_proj"] / out["w_proj"]
+    if similarity:
+        Uw, _, Vhw = torch.linalg.svd(W, full_matrices=False)  # singular values descending
+        k = Uw.shape[1]
+        both = lambda Ul, Vr: (subspace_similarity(U, Ul) + subspace_similarity(V, Vr)) / 2
+        out["phi_principal"] = both(Uw[:, :r], Vhw[:r].T)
+        out["phi_minor"] = both(Uw[:, k - r:], Vhw[k - r:].T)
+        rand = lambda d: torch.linalg.qr(torch.randn(d, r, dtype=torch.float64, generator=generator))[0]
+        out["phi_random"] = both(rand(W.shape[0]), rand(W.shape[1]))  # chance level, about r/out and r/in
+    return out
 
 
 # -----------------------------------------------------------------------------
