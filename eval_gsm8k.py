@@ -21,7 +21,8 @@ stdlib modules (ships with Python, deterministic); --forgetting_text takes a tex
 
 --analysis R runs the paper's section 5 on the adapter's update ΔW of every adapted W (milora.delta_analysis, R the
 training rank): the amplification factor of Table 7 for the middle layer's q_proj, and the subspace similarity φ
-of ΔW's top-R singular vectors to W's R largest, R smallest and R random ones (Figure 2), averaged over matrices.
+of ΔW's top-R left singular vectors to W's R largest, R smallest and R random ones (Figure 2), averaged over
+matrices. The weights stay float32 for it, on a GPU too.
 
 --report DIR summarises a study (README, "Does MiLoRA forget less?"): every DIR/*/*.summary.json, grouped by the
 method and seed in the args.json that train_math.py left beside each adapter. It writes DIR/study.json (every
@@ -123,28 +124,32 @@ def forgetting_loss(model, tok, text, base=None, block=512, max_tokens=8192):
     return kl / n, ce / n
 
 
+PHI = ("phi_principal", "phi_minor", "phi_random")  # φ of ΔW's top singular vectors to W's (milora.delta_analysis)
+
+
 @torch.no_grad()
 def analysis(model, r):
     """milora.delta_analysis of every adapted matrix: Table 7's figures for the middle layer's q_proj (the paper's
-    choice, after Hu et al.) and down_proj (its Table 14), φ averaged over every matrix (Figure 2), and each matrix's
-    own figures under "layers"."""
+    choice, after Hu et al.) and down_proj (its Table 14); the amplification and φ averaged over every matrix and,
+    as in Figure 2's right panel, over each module type; and each matrix's own figures under "layers"."""
     layers = milora.adapter_layers(model)
-    if not layers:
-        sys.exit("--analysis needs an adapter: give --adapter")
     depth = {n: int(m.group(1)) for n, _ in layers if (m := re.search(r"\.(\d+)\.", n))}
-    middle = (max(depth.values(), default=0)) // 2  # 0-based: the 16th of LLaMA2-7B's 32, the 15th of SmolLM2's 30
-    generator = torch.Generator().manual_seed(0)  # the random subspaces: the same in every run
+    middle = max(depth.values(), default=0) // 2  # index 15 (the 16th) of LLaMA2-7B's 32, 14 of SmolLM2's 30
+    generator = torch.Generator().manual_seed(0)  # W's random triplets: the same in every run
     per = {n: milora.delta_analysis(m.delta_weight(torch.float64), m.base_layer.weight, r, generator=generator)
            for n, m in tqdm(layers, desc="analysis", unit="matrix")}
-    mean = lambda k: sum(v[k] for v in per.values()) / len(per)
+    mean = lambda names, k: sum(per[n][k] for n in names) / len(names)
     out = {"analysis_rank": r}
     for kind in ("q_proj", "down_proj"):
         name = next((n for n in per if n.endswith(kind) and depth.get(n, 0) == middle), None)
         if name:
             out[f"{kind}_layer"] = name
             out.update({f"{kind}_{k}": per[name][k] for k in ("w_proj", "dw_proj", "amplification")})
-    out.update({k: mean(k) for k in ("amplification", "phi_principal", "phi_minor", "phi_random")})
-    out["amplification_mean"] = out.pop("amplification")  # over every matrix, beside the paper's single one
+    figures = ("amplification",) + PHI + tuple(f"{k}_right" for k in PHI)
+    out["amplification_mean"] = mean(per, "amplification")  # over every matrix, beside the paper's single one
+    out.update({k: mean(per, k) for k in figures[1:]})
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in per})
+    out["by_module"] = {t: {k: mean([n for n in per if n.endswith("." + t)], k) for k in figures} for t in kinds}
     out["layers"] = per
     return out
 
@@ -162,26 +167,46 @@ def mean_std(values):
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
 
 
+STUDY_SETTINGS = ("model", "data", "rank", "alpha", "dropout", "lr", "max_steps", "epochs", "batch_size",
+                  "warmup_steps", "max_len", "target_modules", "bf16")  # what the seeds of one method must share
+STUDY_EVAL = ("model", "data", "total", "max_new_tokens")  # how every run was scored, the base model's too
+STUDY_ADAPTER_EVAL = ("forgetting_text", "forgetting_tokens", "analysis_rank")  # and every adapter's
+
+
 def study_runs(folder):
-    """One row per run: every folder/*/*.summary.json, with the method and seed it was trained with ('base' for the
-    model without an adapter) and its FIGURES."""
-    rows = []
+    """-> (rows, settings): a row per run, from every folder/*/*.summary.json, with the method and seed it was
+    trained with ('base' for the model without an adapter) and its FIGURES; each method's training settings."""
+    rows, settings, scoring = [], {}, {}
     for path in sorted(glob.glob(os.path.join(folder, "*", "*.summary.json"))):
         with open(path) as f:
             s = json.load(f)
-        train = s.get("train") or {}
-        rows.append({"run": os.path.relpath(path, folder), "method": train.get("method", "base"),
-                     "seed": train.get("seed"), **{k: s.get(k) for k in FIGURES}})
+        train = s.get("train") or {}  # train_math.py's args.json, when the adapter came from it
+        run = os.path.basename(os.path.dirname(path))
+        method = train.get("method") or ("base" if s.get("adapter") is None else run)
+        seed = train.get("seed")
+        if any(r["method"] == method and r["seed"] == seed for r in rows):
+            sys.exit(f"--report {folder}: {path} is a second {method} run with seed {seed}: it would count twice")
+        rows.append({"run": os.path.relpath(path, folder), "method": method, "seed": seed,
+                     **{k: s.get(k) for k in FIGURES}})
+        # The mean of a method's seeds, and the comparison between methods, mean something only when the runs
+        # differ in nothing else: the training settings per method, and the scoring everywhere.
+        checks = (("trained", settings.setdefault(method, {}), train, STUDY_SETTINGS),
+                  ("scored", scoring, s, STUDY_EVAL + (() if method == "base" else STUDY_ADAPTER_EVAL)))
+        for what, have, mine, keys in checks:
+            diff = [f"{k} {have[k]} vs {mine.get(k)}" for k in keys if have.setdefault(k, mine.get(k)) != mine.get(k)]
+            if diff:
+                sys.exit(f"--report {folder}: {path} was {what} differently from the runs before it "
+                         f"({', '.join(diff)}): keep each experiment in a folder of its own")
     if not rows:
         sys.exit(f"--report {folder}: no */*.summary.json in it (eval_gsm8k.py --output DIR/RUN/eval.jsonl writes one)")
-    return rows
+    return rows, {m: v for m, v in settings.items() if m != "base"}
 
 
 def study_table(rows):
     """-> {method: {"runs": n, figure: (mean, std)}}: base first, then the methods in milora.METHODS order."""
     order = ("base",) + milora.METHODS
     table = {}
-    for method in sorted({r["method"] for r in rows}, key=lambda m: order.index(m) if m in order else len(order)):
+    for method in sorted({r["method"] for r in rows}, key=lambda m: (order.index(m) if m in order else len(order), m)):
         runs = [r for r in rows if r["method"] == method]
         table[method] = {"runs": len(runs)}
         for k in FIGURES:
@@ -214,9 +239,8 @@ def plot(rows, path):
     for method in study_table(rows):
         runs = [r for r in rows if r["method"] == method]
         if method == "base":
-            for r in runs:
-                ax.axhline(r["accuracy"], color="gray", ls="--", lw=1, label="base model (no finetuning)")
-        else:
+            ax.axhline(runs[0]["accuracy"], color="gray", ls="--", lw=1, label="base model, not finetuned")
+        elif runs := [r for r in runs if r["forgetting_kl"] is not None]:
             ax.scatter([r["forgetting_kl"] for r in runs], [r["accuracy"] for r in runs], label=method, s=36,
                        alpha=0.8)
     ax.set_xlabel("forgetting: KL(p_base || p_ft) on held-out general text, lower is better")
@@ -231,14 +255,8 @@ def plot(rows, path):
 def report(folder, plot_path):
     """The study's summary of every run in `folder`: study.json (settings, every run's figures, mean ± std per
     method), study.csv (a row per run), the markdown table printed, and the plot."""
-    rows = study_runs(folder)
+    rows, settings = study_runs(folder)
     table = study_table(rows)
-    settings = {}
-    for path in sorted(glob.glob(os.path.join(folder, "*", "args.json"))):
-        with open(path) as f:
-            a = json.load(f)
-        keep = ("method", "model", "data", "rank", "alpha", "dropout", "lr", "max_steps", "batch_size", "warmup_steps")
-        settings.setdefault(a["method"], {k: a.get(k) for k in keep if k != "method"})
     result = {"settings": settings, "table": {m: {k: (v if k == "runs" else dict(zip(("mean", "std"), v)))
                                                   for k, v in t.items()} for m, t in table.items()}, "runs": rows}
     milora.write_json(result, os.path.join(folder, "study.json"))
@@ -273,7 +291,7 @@ def parse_args(argv):
     p.add_argument("--analysis", type=int, metavar="R", help="also analyse the adapter's ΔW against W with R "
                    "singular directions, the training rank (see above)")
     p.add_argument("--report", metavar="DIR", help="evaluate nothing: summarise the runs in DIR/*/ (see above)")
-    p.add_argument("--plot", default="assets/replication.png", help="--report's plot (needs matplotlib)")
+    p.add_argument("--plot", help="--report's plot (needs matplotlib; default: DIR/replication.png)")
     args = p.parse_args(argv)
     if args.report:
         if not os.path.isdir(args.report):
@@ -306,12 +324,14 @@ def gold_answers(ds, data):
 def main(argv=None):
     args = parse_args(argv)
     if args.report:
-        return report(args.report, args.plot)
+        return report(args.report, args.plot or os.path.join(args.report, "replication.png"))
     ds = load_data(args.data, "test", ("question", "answer"), args.limit)  # data first: its errors come at once
     golds = gold_answers(ds, args.data)
     text = forgetting_text(args.forgetting_text) if args.forgetting else None
     cuda = torch.cuda.is_available()
-    model, tok = load_model(args.model, args.gguf_file, **({"dtype": torch.bfloat16} if cuda else {}))
+    # bf16 on a GPU, for speed; float32 for --analysis, whose minor subspaces bf16's rounding would blur
+    bf16 = cuda and not args.analysis
+    model, tok = load_model(args.model, args.gguf_file, **({"dtype": torch.bfloat16} if bf16 else {}))
     if args.adapter:
         try:
             milora.load_adapter(model, args.adapter)
@@ -337,13 +357,15 @@ def main(argv=None):
     summary = {"model": args.model, "gguf_file": args.gguf_file, "adapter": args.adapter, "data": args.data,
                "train": train if isinstance(train, dict) else None,
                "correct": correct, "total": len(rows), "accuracy": correct / max(1, len(rows)),
-               "seconds": seconds, "problems_per_s": len(rows) / seconds, "batch_size": args.batch_size}
+               "seconds": seconds, "problems_per_s": len(rows) / seconds, "batch_size": args.batch_size,
+               "max_new_tokens": args.max_new_tokens}
     print(f"generation: {len(rows)} problems in {seconds:.1f} s ({summary['problems_per_s']:.2f} problems/s)")
 
     if args.forgetting:
         base = None
         if not args.adapter:
             base = load_model(args.base_model)[0].to(model.device, model.dtype).eval()
+        summary.update(forgetting_text=args.forgetting_text or "stdlib", forgetting_tokens=args.forgetting_tokens)
         summary["forgetting_kl"], summary["forgetting_ce"] = forgetting_loss(
             model, tok, text, base, max_tokens=args.forgetting_tokens)
         print(f"forgetting: {summary['forgetting_kl']:.6f} (KL to base; cross-entropy {summary['forgetting_ce']:.4f})")
@@ -351,8 +373,8 @@ def main(argv=None):
     if args.analysis:
         summary.update(analysis(model, args.analysis))
         print(f"analysis, r={args.analysis}: amplification {summary.get('q_proj_amplification', float('nan')):.2f} "
-              f"({summary.get('q_proj_layer')}; mean over all {summary['amplification_mean']:.2f}); subspace "
-              f"similarity of ΔW to W's principal {summary['phi_principal']:.3f}, minor {summary['phi_minor']:.3f}, "
+              f"({summary.get('q_proj_layer')}; mean over all {summary['amplification_mean']:.2f}); φ of ΔW's top "
+              f"left singular vectors to W's principal {summary['phi_principal']:.3f}, minor {summary['phi_minor']:.3f}, "
               f"random {summary['phi_random']:.3f}")
 
     if args.output:

@@ -635,23 +635,28 @@ def amplification_factor(delta_w, w, r):
 
 
 def delta_analysis(delta_w, w, r, similarity=True, generator=None):
-    """The paper's section 5 on one update ΔW of a pretrained W (both out×in), in float64:
+    """The paper's section 5 on one update ΔW of a pretrained W (both out×in), in float64 on the CPU:
       w_proj, dw_proj, amplification   Table 7: ‖UᵀW V‖_F, ‖UᵀΔW V‖_F and their ratio, U and V ΔW's top r
-      phi_principal, phi_minor, phi_random   Figure 2: φ of ΔW's top-r singular vectors to W's r largest, r
-                                       smallest and r random ones (left and right sides averaged)"""
-    U, S, Vh = torch.linalg.svd(delta_w.double(), full_matrices=False)
+      phi_principal, phi_minor, phi_random   Figure 2: φ of ΔW's top-r left singular vectors to W's r largest,
+                                       r smallest and r random ones (appendix A.1 compares left vectors)
+      phi_principal_right, ...         the same for the right singular vectors
+    φ is NaN where ΔW has rank below r: its top r singular vectors are then partly arbitrary."""
+    dW, W = delta_w.detach().double().cpu(), w.detach().double().cpu()
+    k = min(W.shape)  # how many singular triplets W has
+    if not 1 <= r <= k:
+        raise ValueError(f"r must be in [1, {k}] for a {W.shape[0]}×{W.shape[1]} weight, got {r}")
+    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
     U, S, V = U[:, :r], S[:r], Vh[:r].T  # out×r, r, in×r
-    W = w.double()
     out = {"w_proj": (U.T @ W @ V).norm().item(), "dw_proj": S.norm().item()}  # ‖UᵀΔW V‖_F = ‖diag(S)‖_F
-    out["amplification"] = out["dw_proj"] / out["w_proj"]
+    out["amplification"] = out["dw_proj"] / out["w_proj"] if out["w_proj"] else math.inf
     if similarity:
-        Uw, _, Vhw = torch.linalg.svd(W, full_matrices=False)  # singular values descending
-        k = Uw.shape[1]
-        both = lambda Ul, Vr: (subspace_similarity(U, Ul) + subspace_similarity(V, Vr)) / 2
-        out["phi_principal"] = both(Uw[:, :r], Vhw[:r].T)
-        out["phi_minor"] = both(Uw[:, k - r:], Vhw[k - r:].T)
-        rand = lambda d: torch.linalg.qr(torch.randn(d, r, dtype=torch.float64, generator=generator))[0]
-        out["phi_random"] = both(rand(W.shape[0]), rand(W.shape[1]))  # chance level, about r/out and r/in
+        Uw, _, Vhw = torch.linalg.svd(W, full_matrices=False)  # W's triplets, σ descending
+        rank_r = S[-1] > S[0] * k * torch.finfo(torch.float64).eps
+        picks = {"principal": torch.arange(r), "minor": torch.arange(k - r, k),
+                 "random": torch.randperm(k, generator=generator)[:r]}
+        for name, idx in picks.items():
+            out[f"phi_{name}"] = subspace_similarity(U, Uw[:, idx]) if rank_r else math.nan
+            out[f"phi_{name}_right"] = subspace_similarity(V, Vhw[idx].T) if rank_r else math.nan
     return out
 
 

@@ -7,6 +7,7 @@ References: float64 torch.linalg.svd for the split, the installed peft package f
 import copy
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -777,6 +778,162 @@ def test_resume_reaches_the_uninterrupted_result_without_a_new_svd(trained, tiny
     assert want.keys() == got.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
+
+
+def test_delta_analysis_by_hand():
+    # W = diag(4, 3, 2, 1) in a 4×6 matrix; a ΔW along W's smallest triplet, then along its largest.
+    W = torch.zeros(4, 6, dtype=torch.float64)
+    W[range(4), range(4)] = torch.tensor([4.0, 3, 2, 1], dtype=torch.float64)
+    e = lambda n, i: torch.eye(n, dtype=torch.float64)[i]
+    minor = milora.delta_analysis(0.5 * torch.outer(e(4, 3), e(6, 3)), W, r=1)
+    assert minor["w_proj"] == pytest.approx(1.0) and minor["dw_proj"] == pytest.approx(0.5)  # UᵀWV = W[3, 3]
+    assert minor["amplification"] == pytest.approx(0.5)
+    assert minor["phi_minor"] == pytest.approx(1.0) and minor["phi_principal"] == pytest.approx(0.0, abs=1e-12)
+    principal = milora.delta_analysis(2 * torch.outer(e(4, 0), e(6, 0)), W, r=1)
+    assert principal["amplification"] == pytest.approx(2 / 4)
+    assert principal["phi_principal"] == pytest.approx(1.0) and principal["phi_minor"] == pytest.approx(0.0, abs=1e-12)
+    # Only ΔW's top r count: with r = 1, 3·e0e0ᵀ + e3e3ᵀ gives 3/4, not ‖ΔW‖_F / 4.
+    assert milora.delta_analysis(3 * torch.outer(e(4, 0), e(6, 0)) + torch.outer(e(4, 3), e(6, 3)), W, 1)[
+        "amplification"] == pytest.approx(3 / 4)
+    # Half in each: ΔW's top direction (e0 + e3)/√2 on both sides, so φ = ½ to the largest and to the smallest.
+    half = milora.delta_analysis(torch.outer(e(4, 0) + e(4, 3), e(6, 0) + e(6, 3)), W, r=1)
+    assert half["phi_principal"] == pytest.approx(0.5) and half["phi_minor"] == pytest.approx(0.5)
+    assert half["w_proj"] == pytest.approx((4 + 1) / 2)  # uᵀWv with u = v = (e0 + e3)/√2
+    # The sides apart: left along W's smallest, right along its largest. φ is the left side's (appendix A.1);
+    # UᵀWV = W[3, 0] = 0, so the factor is infinite.
+    split = milora.delta_analysis(torch.outer(e(4, 3), e(6, 0)), W, r=1)
+    assert split["phi_minor"] == pytest.approx(1.0) and split["phi_principal"] == pytest.approx(0.0, abs=1e-12)
+    assert split["phi_principal_right"] == pytest.approx(1.0) and split["phi_minor_right"] == pytest.approx(0.0, abs=1e-12)
+    assert split["amplification"] == math.inf
+    # r random triplets of W meet a random r-subspace with φ = r/d on average (r = 2: 2/4 left, 2/6 right).
+    g = torch.Generator().manual_seed(0)
+    rand = [milora.delta_analysis(torch.randn(4, 6, dtype=torch.float64, generator=g), W, 2, generator=g)
+            for _ in range(400)]
+    assert sum(x["phi_random"] for x in rand) / len(rand) == pytest.approx(2 / 4, abs=0.03)
+    assert sum(x["phi_random_right"] for x in rand) / len(rand) == pytest.approx(2 / 6, abs=0.03)
+    # ΔW of rank below r has arbitrary singular vectors: no φ. An r beyond W's triplets is an error.
+    zero = milora.delta_analysis(torch.zeros(4, 6), W, 1)
+    assert all(math.isnan(zero[k]) for k in ("phi_principal", "phi_minor", "phi_random", "phi_minor_right"))
+    with pytest.raises(ValueError, match=r"r must be in \[1, 4\] for a 4×6 weight, got 5"):
+        milora.delta_analysis(torch.ones(4, 6), W, 5)
+
+
+def test_forgetting_loss_by_hand():
+    # p_base = (½, ½) and p_ft = (¾, ¼) at every position: KL = ½ ln(½/¾) + ½ ln(½/¼) = ½ ln(4/3), and the
+    # cross-entropy −½ ln ¾ − ½ ln ¼.
+    class Fixed(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.logits, self.device = torch.tensor(p).log(), "cpu"
+
+        def forward(self, x):
+            return type("Out", (), {"logits": self.logits.expand(*x.shape, 2)})
+
+    tok = lambda text, add_special_tokens: {"input_ids": list(range(len(text)))}
+    kl, ce = eval_gsm8k.forgetting_loss(Fixed([0.75, 0.25]), tok, "x" * 700, base=Fixed([0.5, 0.5]), block=512)
+    assert kl == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
+    assert ce == pytest.approx(-0.5 * math.log(0.75) - 0.5 * math.log(0.25), rel=1e-6)
+
+
+def test_study_table_by_hand():
+    assert eval_gsm8k.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert eval_gsm8k.mean_std([5.0]) == (5.0, None)  # one seed: no deviation
+    rows = [{"method": "milora", "accuracy": 0.5, "forgetting_kl": 0.1}, {"method": "base", "accuracy": 0.1},
+            {"method": "pissa", "accuracy": 0.3}, {"method": "milora", "accuracy": 0.7, "forgetting_kl": 0.3},
+            {"method": "lora", "accuracy": 0.4}]
+    rows = [{k: r.get(k) for k in ("method", *eval_gsm8k.FIGURES)} for r in rows]
+    table = eval_gsm8k.study_table(rows)
+    assert list(table) == ["base", "lora", "pissa", "milora"]  # base first, then milora.METHODS' order
+    assert table["milora"]["runs"] == 2 and table["milora"]["accuracy"] == pytest.approx((0.6, 0.02 ** 0.5))
+    assert "forgetting_kl" not in table["base"]  # no figure, no cell
+    lines = eval_gsm8k.markdown(table).splitlines()
+    assert lines[5].startswith("| milora | 2 | 0.600 ± 0.141 | 0.2000 ± 0.1414 |"), lines[5]
+    assert lines[2].startswith("| base | 1 | 0.100 |  |"), lines[2]
+
+
+def readme_study(**settings):
+    """The README's study command, with its settings line replaced by `settings` and scripts run from HERE."""
+    block = re.search(r"```bash\n(\( set -e.*?)\n```", open(os.path.join(HERE, "README.md")).read(), re.S).group(1)
+    line = " ".join(f"{k}={json.dumps(v) if ' ' in v else v}" for k, v in settings.items())
+    toy, n = re.subn(r"^OUT=.*$", lambda m: line, block, count=1, flags=re.M)
+    assert n == 1 and set(settings) == set(re.findall(r"(\w+)=", block.splitlines()[1])), "the settings changed"
+    return re.sub(r"\bpython (\w+\.py)", lambda m: f"{sys.executable} {os.path.join(HERE, m.group(1))}", toy)
+
+
+def test_study_end_to_end(tmp_path):
+    """The README's study, as written, at toy size: tiny model, 2 methods, 1 seed, 2 steps."""
+    script = readme_study(OUT="out-study", MODEL="tiny", METHODS="lora milora", SEEDS="1", STEPS="2", RANK="4",
+                          LIMIT="4")
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = json.load(open(tmp_path / "out-study" / "study.json"))
+    assert sorted(r["method"] for r in study["runs"]) == ["base", "lora", "milora"]
+    assert set(study["settings"]) == {"lora", "milora"} and study["settings"]["milora"]["rank"] == 4
+    for r in study["runs"]:
+        figures = ["accuracy"] if r["method"] == "base" else list(eval_gsm8k.FIGURES)
+        assert all(isinstance(r[k], float) and math.isfinite(r[k]) for k in figures), r
+    for method in ("lora", "milora"):
+        t = study["table"][method]
+        assert t["runs"] == 1 and all(math.isfinite(t[k]["mean"]) and t[k]["std"] is None for k in eval_gsm8k.FIGURES)
+    by = {r["method"]: r for r in study["runs"]}
+    assert by["lora"]["forgetting_kl"] > 0 and by["milora"]["forgetting_kl"] > 0
+    # MiLoRA's update starts in W's minor subspace and is still there after 2 steps; LoRA's is near chance.
+    assert by["milora"]["phi_minor"] > 0.3 > by["milora"]["phi_principal"]
+    assert by["lora"]["phi_minor"] < 0.2
+    rows = (tmp_path / "out-study" / "study.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("run,method,seed,accuracy")
+    table = (tmp_path / "out-study" / "study.md").read_text()
+    assert table in done.stdout and "| milora | 1 |" in table
+    assert (tmp_path / "assets" / "replication.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_study_report_without_matplotlib_still_writes_the_table(tmp_path, monkeypatch, capsys):
+    for run, method in (("base", None), ("lora-1", "lora")):
+        os.makedirs(tmp_path / run)
+        summary = {"accuracy": 0.25, "train": method and {"method": method, "seed": 1}}
+        summary.update({} if method is None else {k: 0.5 for k in eval_gsm8k.FIGURES if k != "accuracy"})
+        json.dump(summary, open(tmp_path / run / "eval.summary.json", "w"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    result = eval_gsm8k.main(["--report", str(tmp_path), "--plot", str(tmp_path / "plot.png")])
+    assert "no plot" in capsys.readouterr().out and not (tmp_path / "plot.png").exists()
+    assert result["table"]["lora"]["phi_minor"] == {"mean": 0.5, "std": None}
+    assert (tmp_path / "study.json").exists() and (tmp_path / "study.md").exists()
+    with pytest.raises(SystemExit, match="no \\*/\\*.summary.json"):
+        eval_gsm8k.main(["--report", str(tmp_path / "lora-1")])
+    # Runs that differ in more than the method and seed would average, or compare, two experiments: refused.
+    os.makedirs(tmp_path / "lora-2")
+    for change, error in (({"train": {"method": "lora", "seed": 2, "max_steps": 60}},
+                           "lora-2/eval.summary.json was trained differently .*max_steps None vs 60"),
+                          ({"train": {"method": "lora", "seed": 2}, "total": 50},
+                           "lora-2/eval.summary.json was scored differently .*total None vs 50"),
+                          ({"train": {"method": "lora", "seed": 1}}, "a second lora run with seed 1")):
+        json.dump({**summary, **change}, open(tmp_path / "lora-2" / "eval.summary.json", "w"))
+        with pytest.raises(SystemExit, match=error):
+            eval_gsm8k.main(["--report", str(tmp_path)])
+
+
+def test_analysis_of_a_trained_adapter(trained, tiny_dir):
+    out, _ = trained
+    summary = eval_gsm8k.main(["--model", tiny_dir, "--adapter", os.path.join(out, "adapter"), "--data", "toy",
+                               "--limit", "1", "--max_new_tokens", "1", "--analysis", "4"])
+    assert summary["q_proj_layer"] == "model.layers.0.self_attn.q_proj"  # the tiny model's 2 layers: the first
+    assert summary["train"]["method"] == json.load(open(os.path.join(out, "args.json")))["method"]
+    assert len(summary["layers"]) == 10 and summary["analysis_rank"] == 4
+    assert set(summary["by_module"]) == set(TARGETS)
+    # Against the paper's own ΔW, finetuned minus pretrained weight: the merged model's minus the base's.
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged")).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        dW = merged[name + ".weight"].double() - base[name + ".weight"].double()
+        want = milora.delta_analysis(dW, base[name + ".weight"], 4, generator=torch.Generator().manual_seed(0))
+        got = summary["layers"][name]
+        assert got["amplification"] == pytest.approx(want["amplification"], rel=1e-3)
+        assert got["phi_minor"] == pytest.approx(want["phi_minor"], abs=1e-3)
+    assert summary["q_proj_amplification"] == summary["layers"]["model.layers.0.self_attn.q_proj"]["amplification"]
+    with pytest.raises(SystemExit, match="--analysis .* give --adapter"):
+        eval_gsm8k.main(["--model", tiny_dir, "--data", "toy", "--limit", "1", "--analysis", "4"])
+    with pytest.raises(SystemExit, match="--analysis must be at least 1"):
+        eval_gsm8k.main(["--model", tiny_dir, "--adapter", os.path.join(out, "adapter"), "--analysis", "0"])
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
