@@ -350,12 +350,12 @@ def main(argv=None):
         rows.append({"question": q, "gold": as_json(gold), "completion": c, "prediction": as_json(pred),
                      "correct": pred is not None and pred == gold})
     correct = sum(r["correct"] for r in rows)
-    train = os.path.join(os.path.dirname(os.path.abspath(args.adapter)), "args.json") if args.adapter else None
-    if train and os.path.isfile(train):  # the adapter came from train_math.py: say how it was trained
-        with open(train) as f:
+    train, args_json = None, os.path.join(os.path.dirname(os.path.abspath(args.adapter or ".")), "args.json")
+    if args.adapter and os.path.isfile(args_json):  # the adapter came from train_math.py: say how it was trained
+        with open(args_json) as f:
             train = json.load(f)
     summary = {"model": args.model, "gguf_file": args.gguf_file, "adapter": args.adapter, "data": args.data,
-               "train": train if isinstance(train, dict) else None,
+               "train": train,
                "correct": correct, "total": len(rows), "accuracy": correct / max(1, len(rows)),
                "seconds": seconds, "problems_per_s": len(rows) / seconds, "batch_size": args.batch_size,
                "max_new_tokens": args.max_new_tokens}

@@ -652,9 +652,8 @@ def delta_analysis(delta_w, w, r, similarity=True, generator=None):
     if similarity:
         Uw, _, Vhw = torch.linalg.svd(W, full_matrices=False)  # W's triplets, σ descending
         rank_r = S[-1] > S[0] * k * torch.finfo(torch.float64).eps
-        picks = {"principal": torch.arange(r), "minor": torch.arange(k - r, k),
-                 "random": torch.randperm(k, generator=generator)[:r]}
-        for name, idx in picks.items():
+        for name in ("principal", "minor", "random"):
+            idx = _triplet_indices(k, r, name, generator)  # the same picks as the inits'
             out[f"phi_{name}"] = subspace_similarity(U, Uw[:, idx]) if rank_r else math.nan
             out[f"phi_{name}_right"] = subspace_similarity(V, Vhw[idx].T) if rank_r else math.nan
     return out
