@@ -37,8 +37,8 @@ from datasets import load_dataset
 from tqdm.auto import tqdm
 
 import milora
-from train_math import (AT_LEAST_1, DEFAULT_MODEL, EVAL_PROMPT, HelpFormatter, check_ranges, load_data, load_model,
-                        one_line)
+from train_math import (AT_LEAST_1, DEFAULT_MODEL, EVAL_PROMPT, FREE_SETTINGS, HelpFormatter, check_ranges, load_data,
+                        load_model, one_line)
 
 DELIMITERS = ("The answer is: ", "The answer is ", "The final answer is: ", "The final answer is ", "#### ")
 NUMBER = re.compile(r"[-+]?(?:\d+/\d+|\d+(?:\.\d*)?|\.\d+)")  # 3/4, 12, -3.5, 7., .5
@@ -167,8 +167,7 @@ def mean_std(values):
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
 
 
-STUDY_SETTINGS = ("model", "data", "rank", "alpha", "dropout", "lr", "max_steps", "epochs", "batch_size",
-                  "warmup_steps", "max_len", "target_modules", "bf16")  # what the seeds of one method must share
+STUDY_FREE = FREE_SETTINGS | {"method", "seed"}  # all the seeds of one method may differ in; the rest they share
 STUDY_EVAL = ("model", "data", "total", "max_new_tokens")  # how every run was scored, the base model's too
 STUDY_ADAPTER_EVAL = ("forgetting_text", "forgetting_tokens", "analysis_rank")  # and every adapter's
 
@@ -189,11 +188,16 @@ def study_runs(folder):
         rows.append({"run": os.path.relpath(path, folder), "method": method, "seed": seed,
                      **{k: s.get(k) for k in FIGURES}})
         # The mean of a method's seeds, and the comparison between methods, mean something only when the runs
-        # differ in nothing else: the training settings per method, and the scoring everywhere.
-        checks = (("trained", settings.setdefault(method, {}), train, STUDY_SETTINGS),
-                  ("scored", scoring, s, STUDY_EVAL + (() if method == "base" else STUDY_ADAPTER_EVAL)))
-        for what, have, mine, keys in checks:
-            diff = [f"{k} {have[k]} vs {mine.get(k)}" for k in keys if have.setdefault(k, mine.get(k)) != mine.get(k)]
+        # differ in nothing else: the training settings per method, and the scoring everywhere. The first run of
+        # each kind sets the reference.
+        checks = [("trained", settings, method, {k: v for k, v in train.items() if k not in STUDY_FREE}),
+                  ("scored", scoring, "all", {k: s.get(k) for k in STUDY_EVAL})]
+        if method != "base":
+            checks.append(("scored", scoring, "adapters", {k: s.get(k) for k in STUDY_ADAPTER_EVAL}))
+        for what, references, key, mine in checks:
+            ref = references.setdefault(key, mine)
+            diff = [f"{k} {ref.get(k)} vs {mine.get(k)}" for k in sorted(set(ref) | set(mine))
+                    if ref.get(k) != mine.get(k)]
             if diff:
                 sys.exit(f"--report {folder}: {path} was {what} differently from the runs before it "
                          f"({', '.join(diff)}): keep each experiment in a folder of its own")
@@ -225,7 +229,7 @@ def markdown(table):
     return "\n".join(lines)
 
 
-def plot(rows, path):
+def plot(rows, table, path):
     """Held-out accuracy against forgetting, a point per run, a colour per method; the base model as a line.
     Needs matplotlib (pip install matplotlib), the one package only this step uses: without it, no plot."""
     try:
@@ -236,7 +240,7 @@ def plot(rows, path):
         print(f"no plot: {path} needs matplotlib (pip install matplotlib); the table is written without it")
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
-    for method in study_table(rows):
+    for method in table:  # base first, then the methods in order: their colours are the same in every study
         runs = [r for r in rows if r["method"] == method]
         if method == "base":
             ax.axhline(runs[0]["accuracy"], color="gray", ls="--", lw=1, label="base model, not finetuned")
@@ -268,7 +272,7 @@ def report(folder, plot_path):
     with open(os.path.join(folder, "study.md"), "w") as f:
         f.write(text + "\n")
     print(text)
-    written = plot(rows, plot_path)
+    written = plot(rows, table, plot_path)
     print(f"wrote {folder}/study.json, study.csv, study.md{f' and {written}' if written else ''}")
     return result
 
