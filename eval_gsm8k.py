@@ -29,55 +29,18 @@ method and seed in the args.json that train_math.py left beside each adapter. It
 figure), DIR/study.csv (a row per run) and DIR/study.md (mean ± std per method), and plots accuracy against
 forgetting to --plot when matplotlib is installed.
 """
-import argparse, csv, glob, importlib, inspect, json, math, os, re, sys, time
-from fractions import Fraction
+import argparse, csv, glob, importlib, inspect, json, math, os, re, statistics, sys, time
 
 import torch
 from datasets import load_dataset
 from tqdm.auto import tqdm
 
 import milora
-from train_math import (AT_LEAST_1, DEFAULT_MODEL, EVAL_PROMPT, FREE_SETTINGS, HelpFormatter, check_ranges, load_data,
-                        load_model, one_line)
+from train_math import (AT_LEAST_1, DEFAULT_MODEL, EVAL_PROMPT, FREE_SETTINGS, SMOLLM2, SMOLLM2_GGUF, HelpFormatter,
+                        check_ranges, extract_answer, generate, gold_answers, load_data, load_model, one_line,
+                        smollm2_dir)
 
-DELIMITERS = ("The answer is: ", "The answer is ", "The final answer is: ", "The final answer is ", "#### ")
-NUMBER = re.compile(r"[-+]?(?:\d+/\d+|\d+(?:\.\d*)?|\.\d+)")  # 3/4, 12, -3.5, 7., .5
-STOP = "### Instruction"
 DOC_MODULES = ("argparse", "collections", "functools", "itertools", "json", "logging", "pathlib", "textwrap")
-
-
-def first_number(text):
-    """The first number in text as an exact Fraction (commas dropped, a/b evaluated), or None."""
-    m = NUMBER.search(text.replace(",", ""))
-    try:
-        return None if m is None else Fraction(m.group().rstrip("."))
-    except ZeroDivisionError:  # "5/0"
-        return None
-
-
-def extract_answer(completion):
-    """MetaMath's rule: the first number after the last 'The answer is: ', with PEFT's fallback delimiters.
-    Unlike MetaMath we don't round to an integer: 3.5 does not match a gold 4."""
-    for d in DELIMITERS:
-        if d in completion:
-            return first_number(completion.rsplit(d, 1)[1])
-    return None
-
-
-@torch.no_grad()
-def generate(model, tok, prompts, batch_size, max_new_tokens):
-    """Greedy completions, in the order of `prompts`. Longest first, so an out-of-memory shows up at once."""
-    tok.padding_side = "left"  # generation continues from the right end of every row
-    order = sorted(range(len(prompts)), key=lambda i: -len(tok(prompts[i])["input_ids"]))
-    out = [None] * len(prompts)
-    for s in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
-        idx = order[s:s + batch_size]
-        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(model.device)
-        seqs = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                              stop_strings=[STOP], tokenizer=tok)  # per-row stop, generation ends when all stopped
-        for i, row in zip(idx, seqs[:, enc["input_ids"].shape[1]:]):
-            out[i] = tok.decode(row, skip_special_tokens=True).split(STOP)[0]  # drop the stop string itself
-    return out
 
 
 def stdlib_docs():
@@ -125,19 +88,47 @@ def forgetting_loss(model, tok, text, base=None, block=512, max_tokens=8192):
 
 
 PHI = ("phi_principal", "phi_minor", "phi_random")  # φ of ΔW's top singular vectors to W's (milora.delta_analysis)
+GGUF_MODULES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}  # llama.cpp's tensor names -> transformers' module names
+
+
+def quantisation_steps(path):
+    """{module name: the RMS of its rounding steps d} for every block-quantised Llama weight in a GGUF file. Q4_0,
+    Q4_1, Q5_0, Q5_1 and Q8_0 store blocks of 32 weights, each block starting with its step d as a float16;
+    rounding to that grid adds noise of variance d²/12 to each weight. Other tensor types are left out."""
+    import gguf, numpy as np
+    Q = gguf.GGMLQuantizationType
+    steps = {}
+    for t in gguf.GGUFReader(path).tensors:
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", t.name)
+        if m and m.group(2) in GGUF_MODULES and t.tensor_type in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0):
+            block_bytes = gguf.GGML_QUANT_SIZES[t.tensor_type][1]
+            d = np.asarray(t.data).view(np.uint8).reshape(-1, block_bytes)[:, :2].copy().view(np.float16)
+            steps[f"model.layers.{m.group(1)}.{GGUF_MODULES[m.group(2)]}"] = float(np.sqrt(np.mean(d.astype(float) ** 2)))
+    return steps
 
 
 @torch.no_grad()
-def analysis(model, r):
+def analysis(model, r, steps=None):
     """milora.delta_analysis of every adapted matrix: Table 7's figures for the middle layer's q_proj (the paper's
     choice, after Hu et al.) and down_proj (its Table 14); the amplification and φ averaged over every matrix and,
-    as in Figure 2's right panel, over each module type; and each matrix's own figures under "layers"."""
+    as in Figure 2's right panel, over each module type; and each matrix's own figures under "layers".
+    With `steps` (quantisation_steps of the checkpoint) it also places the chosen triplets against the rounding noise:
+    each matrix's noise_sigma = √(d²/12)·√max(out, in), a noise matrix's typical singular value, and
+    minor_over_noise, principal_over_noise: W's r-th smallest and r-th largest σ over it (the edges of MiLoRA's and
+    PiSSA's r triplets); "noise_floor" holds their median over the layers of each module type."""
     layers = milora.adapter_layers(model)
     depth = {n: int(m.group(1)) for n, _ in layers if (m := re.search(r"\.(\d+)\.", n))}
     middle = max(depth.values(), default=0) // 2  # index 15 (the 16th) of LLaMA2-7B's 32, 14 of SmolLM2's 30
     generator = torch.Generator().manual_seed(0)  # W's random triplets: the same in every run
-    per = {n: milora.delta_analysis(m.delta_weight(torch.float64), m.base_layer.weight, r, generator=generator)
-           for n, m in tqdm(layers, desc="analysis", unit="matrix")}
+    per = {}
+    for n, m in tqdm(layers, desc="analysis", unit="matrix"):
+        per[n] = milora.delta_analysis(m.delta_weight(torch.float64), m.base_layer.weight, r, generator=generator)
+        if steps and n in steps:
+            noise = math.sqrt(steps[n] ** 2 / 12) * math.sqrt(max(m.base_layer.weight.shape))
+            per[n].update(noise_sigma=noise, minor_over_noise=per[n]["sigma_minor"] / noise,
+                          principal_over_noise=per[n]["sigma_principal"] / noise)
     mean = lambda names, k: sum(per[n][k] for n in names) / len(names)
     out = {"analysis_rank": r}
     for kind in ("q_proj", "down_proj"):
@@ -150,6 +141,11 @@ def analysis(model, r):
     out.update({k: mean(per, k) for k in figures[1:]})
     kinds = sorted({n.rsplit(".", 1)[-1] for n in per})
     out["by_module"] = {t: {k: mean([n for n in per if n.endswith("." + t)], k) for k in figures} for t in kinds}
+    noisy = {t: [v for n, v in per.items() if n.endswith("." + t) and "noise_sigma" in v] for t in kinds}
+    if any(noisy.values()):
+        out["noise_floor"] = {t: {k: statistics.median(v[k] for v in vs) for k in ("minor_over_noise",
+                                                                                   "principal_over_noise")}
+                              for t, vs in noisy.items() if vs}
     out["layers"] = per
     return out
 
@@ -159,6 +155,10 @@ FIGURES = {  # what --report tabulates: (column title, number format)
     "forgetting_ce": ("forgetting CE", ".3f"), "q_proj_amplification": ("amplification, mid q_proj", ".3f"),
     "amplification_mean": ("amplification, mean", ".3f"), "phi_principal": ("φ to W's principal", ".3f"),
     "phi_minor": ("φ to W's minor", ".3f"), "phi_random": ("φ to random", ".3f")}
+ARM = ("method", "lr", "target_modules")  # what an arm of the study varies; its seeds differ only in `seed`
+STUDY_FREE = FREE_SETTINGS | set(ARM) | {"seed"}  # the rest every run of a study shares
+STUDY_EVAL = ("model", "data", "total", "max_new_tokens")  # how every run was scored, the base model's too
+STUDY_ADAPTER_EVAL = ("forgetting_text", "forgetting_tokens", "analysis_rank")  # and every adapter's
 
 
 def mean_std(values):
@@ -167,71 +167,132 @@ def mean_std(values):
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
 
 
-STUDY_FREE = FREE_SETTINGS | {"method", "seed"}  # all the seeds of one method may differ in; the rest they share
-STUDY_EVAL = ("model", "data", "total", "max_new_tokens")  # how every run was scored, the base model's too
-STUDY_ADAPTER_EVAL = ("forgetting_text", "forgetting_tokens", "analysis_rank")  # and every adapter's
-
-
 def study_runs(folder):
-    """-> (rows, settings): a row per run, from every folder/*/*.summary.json, with the method and seed it was
-    trained with ('base' for the model without an adapter) and its FIGURES; each method's training settings."""
-    rows, settings, scoring = [], {}, {}
+    """-> (rows, settings, noise): a row per run, from every folder/*/*.summary.json, with the arm it was trained in
+    (method, lr, target_modules from train_math.py's args.json; method 'base' for the model without an adapter), its
+    seed and its FIGURES; the training settings every run shares; and the noise floor by module type, if measured."""
+    rows, refs, noise = [], {}, None
     for path in sorted(glob.glob(os.path.join(folder, "*", "*.summary.json"))):
         with open(path) as f:
             s = json.load(f)
         train = s.get("train") or {}  # train_math.py's args.json, when the adapter came from it
-        run = os.path.basename(os.path.dirname(path))
-        method = train.get("method") or ("base" if s.get("adapter") is None else run)
-        seed = train.get("seed")
-        if any(r["method"] == method and r["seed"] == seed for r in rows):
-            sys.exit(f"--report {folder}: {path} is a second {method} run with seed {seed}: it would count twice")
-        rows.append({"run": os.path.relpath(path, folder), "method": method, "seed": seed,
+        arm = {k: train.get(k) for k in ARM} if train else {"method": "base" if s.get("adapter") is None else
+                                                            os.path.basename(os.path.dirname(path))}
+        if any({k: r.get(k) for k in ARM} == {k: arm.get(k) for k in ARM} and r["seed"] == train.get("seed")
+               for r in rows):
+            sys.exit(f"--report {folder}: {path} is a second run of {arm} with seed {train.get('seed')}: it would "
+                     f"count twice")
+        rows.append({"run": os.path.relpath(path, folder), **{k: arm.get(k) for k in ARM}, "seed": train.get("seed"),
                      **{k: s.get(k) for k in FIGURES}})
-        # The mean of a method's seeds, and the comparison between methods, mean something only when the runs
-        # differ in nothing else: the training settings per method, and the scoring everywhere. The first run of
-        # each kind sets the reference.
-        checks = [("trained", settings, method, {k: v for k, v in train.items() if k not in STUDY_FREE}),
-                  ("scored", scoring, "all", {k: s.get(k) for k in STUDY_EVAL})]
-        if method != "base":
-            checks.append(("scored", scoring, "adapters", {k: s.get(k) for k in STUDY_ADAPTER_EVAL}))
-        for what, references, key, mine in checks:
-            ref = references.setdefault(key, mine)
-            diff = [f"{k} {ref.get(k)} vs {mine.get(k)}" for k in sorted(set(ref) | set(mine))
-                    if ref.get(k) != mine.get(k)]
-            if diff:
+        noise = noise or s.get("noise_floor")
+        # Means over seeds, and comparisons between arms, mean something only when the runs differ in nothing else:
+        # neither in training, but for their arm and seed, nor in scoring. The first run of each kind is the reference.
+        checks = [("scored", "all", {k: s.get(k) for k in STUDY_EVAL})]
+        if arm["method"] != "base":
+            checks += [("trained", "train", {k: v for k, v in train.items() if k not in STUDY_FREE}),
+                       ("scored", "adapters", {k: s.get(k) for k in STUDY_ADAPTER_EVAL})]
+        for what, kind, mine in checks:
+            ref = refs.setdefault(kind, mine)
+            if diff := [f"{k} {ref.get(k)} vs {mine.get(k)}" for k in sorted(set(ref) | set(mine))
+                        if ref.get(k) != mine.get(k)]:
                 sys.exit(f"--report {folder}: {path} was {what} differently from the runs before it "
                          f"({', '.join(diff)}): keep each experiment in a folder of its own")
     if not rows:
         sys.exit(f"--report {folder}: no */*.summary.json in it (eval_gsm8k.py --output DIR/RUN/eval.jsonl writes one)")
-    return rows, {m: v for m, v in settings.items() if m != "base"}
+    return rows, refs.get("train", {}), noise
 
 
-def study_table(rows):
-    """-> {method: {"runs": n, figure: (mean, std)}}: base first, then the methods in milora.METHODS order."""
-    order = ("base",) + milora.METHODS
+def usual_targets(rows):
+    """The target_modules most of a study's runs adapt."""
+    return statistics.mode(r["target_modules"] for r in rows if r["method"] != "base") if len(rows) > 1 else None
+
+
+def arms(rows):
+    """-> {arm label: {"method", "lr", "target_modules", "runs", figure: (mean, std)}}: base first, then by method in
+    milora.METHODS' order, learning rate and targets. The label names the method, its lr where the study has more
+    than one, and its targets where they are not the usual ones."""
+    order, usual = ("base",) + milora.METHODS, usual_targets(rows)
+    many_lrs = len({r["lr"] for r in rows if r["method"] != "base"}) > 1
+    key = lambda r: (order.index(r["method"]) if r["method"] in order else len(order), r["method"],
+                     r["lr"] or 0, r["target_modules"] != usual, r["target_modules"] or "")
     table = {}
-    for method in sorted({r["method"] for r in rows}, key=lambda m: (order.index(m) if m in order else len(order), m)):
-        runs = [r for r in rows if r["method"] == method]
-        table[method] = {"runs": len(runs)}
-        for k in FIGURES:
-            values = [r[k] for r in runs if r[k] is not None]
-            if values:
-                table[method][k] = mean_std(values)
+    for r in sorted(rows, key=key):
+        label = r["method"] + (f", lr {r['lr']:g}" if many_lrs and r["lr"] else "") + \
+            (f", {r['target_modules']}" if r["method"] != "base" and r["target_modules"] != usual else "")
+        table.setdefault(label, {k: r[k] for k in ARM} | {"rows": []})["rows"].append(r)
+    for t in table.values():
+        runs = t.pop("rows")
+        t["runs"] = len(runs)
+        t.update({k: mean_std(v) for k in FIGURES if (v := [r[k] for r in runs if r[k] is not None])})
     return table
 
 
-def markdown(table):
-    cell = lambda v, f: "" if v is None else f"{v[0]:{f}}" + ("" if v[1] is None else f" ± {v[1]:{f}}")
-    lines = ["| method | runs | " + " | ".join(title for title, _ in FIGURES.values()) + " |",
+def curve_kl(points, level):
+    """Forgetting KL where a curve of (accuracy, KL) points, in learning-rate order, first reaches `level` accuracy,
+    interpolated linearly between the two points around it; None where it never does."""
+    for (a0, k0), (a1, k1) in zip(points, points[1:]):
+        if min(a0, a1) <= level <= max(a0, a1):
+            return k0 if a0 == a1 else k0 + (k1 - k0) * (level - a0) / (a1 - a0)
+    return None
+
+
+def matched(rows):
+    """Each swept method's forgetting at matched accuracy (Biderman et al. 2024): for every method trained at two
+    or more learning rates on the study's usual targets, KL along its accuracy-forgetting curve at a few accuracy
+    levels that every such method's mean curve reaches, as mean ± std over the seeds that ran at every lr.
+    -> {"levels": [...], "targets": ..., method: {level: (mean, std, seeds) or None}}"""
+    order, targets = milora.METHODS, usual_targets(rows)
+    runs = [r for r in rows if r["method"] in order and r["forgetting_kl"] is not None]
+    by = {}  # method -> lr -> seed -> (accuracy, KL), methods in milora.METHODS' order
+    for r in sorted(runs, key=lambda r: order.index(r["method"])):
+        if r["target_modules"] == targets:
+            by.setdefault(r["method"], {}).setdefault(r["lr"], {})[r["seed"]] = (r["accuracy"], r["forgetting_kl"])
+    by = {m: lrs for m, lrs in by.items() if len(lrs) > 1}
+    means = {m: [tuple(sum(p[i] for p in s.values()) / len(s) for i in (0, 1)) for _, s in sorted(lrs.items())]
+             for m, lrs in by.items()}
+    lo = max((min(a for a, _ in c) for c in means.values()), default=1)
+    hi = min((max(a for a, _ in c) for c in means.values()), default=0)
+    levels = [round(0.05 * i, 2) for i in range(21) if lo <= 0.05 * i <= hi]  # the 0.05 grid within every curve
+    out = {"levels": levels, "targets": targets}
+    for m, lrs in by.items():
+        seeds = set.intersection(*(set(s) for s in lrs.values()))
+        out[m] = {}
+        for level in levels:
+            kls = [k for seed in sorted(seeds)
+                   if (k := curve_kl([lrs[lr][seed] for lr in sorted(lrs)], level)) is not None]
+            out[m][level] = (*mean_std(kls), len(kls)) if kls else None
+    return out
+
+
+def cell(v, f):
+    return "" if v is None else f"{v[0]:{f}}" + ("" if v[1] is None else f" ± {v[1]:{f}}")
+
+
+def markdown(table, match=None, noise=None):
+    """The study's tables: every arm with every figure; each swept method's forgetting at matched accuracy; and
+    where the chosen triplets' σ sit against the quantisation noise, by module type."""
+    lines = ["| arm | runs | " + " | ".join(title for title, _ in FIGURES.values()) + " |",
              "|---" * (len(FIGURES) + 2) + "|"]
-    lines += [f"| {m} | {t['runs']} | " + " | ".join(cell(t.get(k), f) for k, (_, f) in FIGURES.items()) + " |"
-              for m, t in table.items()]
+    lines += [f"| {a} | {t['runs']} | " + " | ".join(cell(t.get(k), f) for k, (_, f) in FIGURES.items()) + " |"
+              for a, t in table.items()]
+    if match and match["levels"]:
+        methods = [m for m in match if m not in ("levels", "targets")]
+        lines += ["", "| forgetting KL at held-out accuracy | " + " | ".join(methods) + " |",
+                  "|---" * (len(methods) + 1) + "|"]
+        lines += [f"| {level:.2f} | " + " | ".join(cell(match[m][level], ".4f") + (
+            f" ({match[m][level][2]} seeds)" if match[m][level] else "") for m in methods) + " |"
+                  for level in match["levels"]]
+    if noise:
+        lines += ["", "| module | r-th smallest σ / noise σ (MiLoRA's edge) | r-th largest σ / noise σ (PiSSA's) |",
+                  "|---|---|---|"]
+        lines += [f"| {t} | {v['minor_over_noise']:.2f} | {v['principal_over_noise']:.1f} |" for t, v in noise.items()]
     return "\n".join(lines)
 
 
 def plot(rows, table, path):
-    """Held-out accuracy against forgetting, a point per run, a colour per method; the base model as a line.
-    Needs matplotlib (pip install matplotlib), the one package only this step uses: without it, no plot."""
+    """Held-out accuracy against forgetting: a curve per method through its learning rates (means, with the seeds'
+    std as error bars), lone arms as points. Needs matplotlib (pip install matplotlib), the one package only this
+    step uses: without it, no plot."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display
@@ -239,16 +300,26 @@ def plot(rows, table, path):
     except ImportError:
         print(f"no plot: {path} needs matplotlib (pip install matplotlib); the table is written without it")
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
-    for method in table:  # base first, then the methods in order: their colours are the same in every study
-        runs = [r for r in rows if r["method"] == method]
-        if method == "base":
-            ax.axhline(runs[0]["accuracy"], color="gray", ls="--", lw=1, label="base model, not finetuned")
-        elif runs := [r for r in runs if r["forgetting_kl"] is not None]:
-            ax.scatter([r["forgetting_kl"] for r in runs], [r["accuracy"] for r in runs], label=method, s=36,
-                       alpha=0.8)
-    ax.set_xlabel("forgetting: KL(p_base || p_ft) on held-out general text, lower is better")
-    ax.set_ylabel("held-out toy-problem accuracy")
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), layout="constrained")
+    curves = {}  # (method, targets) -> [(lr, arm)]
+    for label, t in table.items():
+        if t["method"] != "base" and "forgetting_kl" in t:
+            curves.setdefault((t["method"], t["target_modules"]), []).append((t["lr"] or 0, label))
+    usual = usual_targets(rows)
+    for (method, targets), arms_ in curves.items():
+        pts = [table[a] for _, a in sorted(arms_)]
+        x, y = [p["forgetting_kl"][0] for p in pts], [p["accuracy"][0] for p in pts]
+        err = lambda k: [p[k][1] or 0 for p in pts]
+        label = method if targets == usual else f"{method} on {targets}"
+        ax.errorbar(x, y, xerr=err("forgetting_kl"), yerr=err("accuracy"), marker="o" if targets == usual else "^",
+                    ls="-" if len(pts) > 1 else "none", capsize=2, label=label, mfc=None if targets == usual else "none")
+        if len(pts) > 1:
+            for lr, xi, yi in zip(sorted(lr for lr, _ in arms_), x, y):
+                ax.annotate(f"{lr:g}", (xi, yi), textcoords="offset points", xytext=(4, -9), fontsize=7)
+    base = next((t["accuracy"][0] for t in table.values() if t["method"] == "base"), None)
+    ax.set_xscale("log")
+    ax.set_xlabel("forgetting: KL(p_base || p_ft) on held-out general text (log scale), lower is better")
+    ax.set_ylabel("held-out toy-problem accuracy" + (f" (base model: {base:.3f})" if base is not None else ""))
     ax.legend(fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -257,18 +328,21 @@ def plot(rows, table, path):
 
 
 def report(folder, plot_path):
-    """The study's summary of every run in `folder`: study.json (settings, every run's figures, mean ± std per
-    method), study.csv (a row per run), the markdown table printed, and the plot."""
-    rows, settings = study_runs(folder)
-    table = study_table(rows)
-    result = {"settings": settings, "table": {m: {k: (v if k == "runs" else dict(zip(("mean", "std"), v)))
-                                                  for k, v in t.items()} for m, t in table.items()}, "runs": rows}
+    """The study's summary of every run in `folder`: study.json (settings, every run's figures, mean ± std per arm,
+    the matched-accuracy table, the noise floor), study.csv (a row per run), study.md (printed too) and the plot."""
+    rows, settings, noise = study_runs(folder)
+    table, match = arms(rows), matched(rows)
+    pair = lambda v: dict(zip(("mean", "std", "seeds"), v)) if isinstance(v, tuple) else v
+    result = {"settings": settings, "arms": {a: {k: pair(v) for k, v in t.items()} for a, t in table.items()},
+              "matched_accuracy": {m: {str(l): pair(v) for l, v in c.items()} if isinstance(c, dict) else c
+                                   for m, c in match.items()},
+              "noise_floor": noise, "runs": rows}
     milora.write_json(result, os.path.join(folder, "study.json"))
     with open(os.path.join(folder, "study.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    text = markdown(table)
+    text = markdown(table, match, noise)
     with open(os.path.join(folder, "study.md"), "w") as f:
         f.write(text + "\n")
     print(text)
@@ -295,7 +369,7 @@ def parse_args(argv):
     p.add_argument("--analysis", type=int, metavar="R", help="also analyse the adapter's ΔW against W with R "
                    "singular directions, the training rank (see above)")
     p.add_argument("--report", metavar="DIR", help="evaluate nothing: summarise the runs in DIR/*/ (see above)")
-    p.add_argument("--plot", help="--report's plot (needs matplotlib; default: DIR/replication.png)")
+    p.add_argument("--plot", help="--report's plot (needs matplotlib; default: DIR/study.png)")
     args = p.parse_args(argv)
     if args.report:
         if not os.path.isdir(args.report):
@@ -315,20 +389,10 @@ def parse_args(argv):
     return args
 
 
-def gold_answers(ds, data):
-    """The number after the last '####' of every answer (GSM8K's format); a row without one is an error, by number."""
-    golds = [first_number(a.rsplit("####", 1)[1]) if "####" in a else None for a in ds["answer"]]
-    if None in golds:
-        i = golds.index(None)
-        sys.exit(f"{data}: row {i + 1} has no gold answer: its answer must end in '#### <number>', "
-                 f"but ends {ds['answer'][i][-40:]!r}")
-    return golds
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.report:
-        return report(args.report, args.plot or os.path.join(args.report, "replication.png"))
+        return report(args.report, args.plot or os.path.join(args.report, "study.png"))
     ds = load_data(args.data, "test", ("question", "answer"), args.limit)  # data first: its errors come at once
     golds = gold_answers(ds, args.data)
     text = forgetting_text(args.forgetting_text) if args.forgetting else None
@@ -375,7 +439,9 @@ def main(argv=None):
         print(f"forgetting: {summary['forgetting_kl']:.6f} (KL to base; cross-entropy {summary['forgetting_ce']:.4f})")
 
     if args.analysis:
-        summary.update(analysis(model, args.analysis))
+        gguf_file = os.path.join(smollm2_dir(), args.gguf_file or SMOLLM2_GGUF) if args.model == SMOLLM2 else \
+            args.gguf_file and os.path.join(args.model, args.gguf_file)  # the checkpoint's quantisation, if any
+        summary.update(analysis(model, args.analysis, gguf_file and quantisation_steps(gguf_file)))
         print(f"analysis, r={args.analysis}: amplification {summary.get('q_proj_amplification', float('nan')):.2f} "
               f"({summary.get('q_proj_layer')}; mean over all {summary['amplification_mean']:.2f}); φ of ΔW's top "
               f"left singular vectors to W's principal {summary['phi_principal']:.3f}, minor {summary['phi_minor']:.3f}, "
@@ -384,8 +450,7 @@ def main(argv=None):
     if args.output:
         with open(args.output, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-        with open(os.path.splitext(args.output)[0] + ".summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
+        milora.write_json(summary, os.path.splitext(args.output)[0] + ".summary.json")  # last: the run is complete
     print(f"accuracy: {summary['accuracy']:.4f} ({correct}/{len(rows)})")
     return summary
 

@@ -225,7 +225,7 @@ def test_split_of_hard_spectra_is_at_least_as_accurate_as_float32_svd(kind, scal
             if W.abs().max() == 0:  # 1e-18 underflows float16 to an all-zero weight: nothing to train
                 assert not B.any() and not A.any()
                 continue
-            idx = milora._triplet_indices(min(shape), R, part)
+            idx = milora.triplet_indices(min(shape), R, part)
             U3, S3, Vh3 = torch.linalg.svd(W.float(), full_matrices=False)  # what PEFT and the official code use
             ours, theirs = triplet_errors(B, A, W, idx), triplet_errors(U3[:, idx] * S3[idx], Vh3[idx], W, idx)
             where = f"{kind}, {shape}, ×{scale:g}, {dtype}, {part}"
@@ -835,81 +835,173 @@ def test_forgetting_loss_by_hand():
     assert ce == pytest.approx(-0.5 * math.log(0.75) - 0.5 * math.log(0.25), rel=1e-6)
 
 
-def test_study_table_by_hand():
+def test_study_tables_by_hand():
     assert eval_gsm8k.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
     assert eval_gsm8k.mean_std([5.0]) == (5.0, None)  # one seed: no deviation
-    rows = [{"method": "milora", "accuracy": 0.5, "forgetting_kl": 0.1}, {"method": "base", "accuracy": 0.1},
-            {"method": "pissa", "accuracy": 0.3}, {"method": "milora", "accuracy": 0.7, "forgetting_kl": 0.3},
-            {"method": "lora", "accuracy": 0.4}]
-    rows = [{k: r.get(k) for k in ("method", *eval_gsm8k.FIGURES)} for r in rows]
-    table = eval_gsm8k.study_table(rows)
+    row = lambda method, lr, seed, acc, kl, targets="q_proj,v_proj": {
+        "method": method, "lr": lr, "target_modules": targets, "seed": seed,
+        **{k: None for k in eval_gsm8k.FIGURES}, "accuracy": acc, "forgetting_kl": kl}
+    rows = [row("milora", 3e-4, 1, 0.5, 0.1), row("base", None, None, 0.1, None, None),
+            row("pissa", 3e-4, 1, 0.3, 0.2), row("milora", 3e-4, 2, 0.7, 0.3), row("lora", 3e-4, 1, 0.4, 0.05)]
+    table = eval_gsm8k.arms(rows)
     assert list(table) == ["base", "lora", "pissa", "milora"]  # base first, then milora.METHODS' order
     assert table["milora"]["runs"] == 2 and table["milora"]["accuracy"] == pytest.approx((0.6, 0.02 ** 0.5))
     assert "forgetting_kl" not in table["base"]  # no figure, no cell
     lines = eval_gsm8k.markdown(table).splitlines()
     assert lines[5].startswith("| milora | 2 | 0.600 ± 0.141 | 0.2000 ± 0.1414 |"), lines[5]
     assert lines[2].startswith("| base | 1 | 0.100 |  |"), lines[2]
+    # Two learning rates and other targets: each is an arm of its own, named by what differs.
+    rows += [row("lora", 1e-3, 1, 0.8, 0.25), row("milora", 1e-3, 1, 0.9, 0.5), row("milora", 1e-3, 2, 0.8, 0.4),
+             row("milora", 3e-4, 3, 0.6, 0.2, targets="v_proj")]
+    table = eval_gsm8k.arms(rows)
+    assert list(table) == ["base", "lora, lr 0.0003", "lora, lr 0.001", "pissa, lr 0.0003", "milora, lr 0.0003",
+                           "milora, lr 0.0003, v_proj", "milora, lr 0.001"]  # targets named where unusual
+    # Matched accuracy: the curves (0.4, 0.05) -> (0.8, 0.25) for LoRA, and per seed (0.5, 0.1) -> (0.9, 0.5) and
+    # (0.7, 0.3) -> (0.8, 0.4) for MiLoRA, whose mean curve (0.6, 0.2) -> (0.85, 0.45) sets the common range
+    # [0.6, 0.8]. At 0.6: LoRA 0.05 + 0.2 * 0.5 = 0.15; MiLoRA seed 1 0.1 + 0.4 * 0.25 = 0.2, seed 2 never reaches it.
+    match = eval_gsm8k.matched(rows)
+    assert match["levels"] == [0.6, 0.65, 0.7, 0.75, 0.8] and match["targets"] == "q_proj,v_proj"
+    assert set(match) == {"levels", "targets", "lora", "milora"}  # PiSSA ran at one lr: no curve
+    assert match["lora"][0.6] == pytest.approx((0.15, None, 1))
+    assert match["milora"][0.6] == pytest.approx((0.2, None, 1))
+    assert match["milora"][0.8][:2] == pytest.approx(((0.4 + 0.4) / 2, 0.0), abs=1e-12)  # both seeds: 0.4
+    assert eval_gsm8k.curve_kl([(0.2, 1.0), (0.6, 3.0), (0.4, 5.0)], 0.5) == pytest.approx(2.5)  # the first crossing
+    assert eval_gsm8k.curve_kl([(0.2, 1.0), (0.6, 3.0)], 0.7) is None
+    assert "| 0.60 | 0.1500 (1 seeds) | 0.2000 (1 seeds) |" in eval_gsm8k.markdown(table, match)
+
+
+def test_quantisation_steps_read_from_a_gguf_file(tmp_path):
+    import gguf
+    import numpy as np
+    # Two Q4_1 weights and an F32 one, in llama.cpp's names. Each Q4_1 block of 32 stores its step d = (max − min)/15.
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    x = np.random.RandomState(0).randn(8, 64).astype(np.float32)
+    x[:, :32] *= 3  # blocks of two different steps
+    steps = {}
+    for name, w in (("blk.0.attn_q.weight", x), ("blk.3.ffn_down.weight", 2 * x)):
+        blocks = w.reshape(-1, 32)
+        d = ((blocks.max(1) - blocks.min(1)) / 15).astype(np.float16).astype(float)
+        steps[name] = float(np.sqrt(np.mean(d ** 2)))
+        writer.add_tensor(name, gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1),
+                          raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    got = eval_gsm8k.quantisation_steps(str(tmp_path / "m.gguf"))
+    assert got == pytest.approx({"model.layers.0.self_attn.q_proj": steps["blk.0.attn_q.weight"],
+                                 "model.layers.3.mlp.down_proj": steps["blk.3.ffn_down.weight"]}, rel=1e-6)
+    assert got["model.layers.3.mlp.down_proj"] == pytest.approx(2 * got["model.layers.0.self_attn.q_proj"], rel=1e-3)
+
+
+def test_noise_floor_of_an_analysis_by_hand():
+    # A trained adapter on the tiny model, with a known rounding step for two of its matrices: the noise's typical
+    # singular value is √(d²/12)·√max(out, in), and the ratios are W's r-th smallest and largest σ over it.
+    model = train_a_little(milora.apply_adapters(tiny_llama(), "milora", r=4))
+    steps = {"model.layers.0.self_attn.q_proj": 0.01, "model.layers.1.mlp.down_proj": 0.02}
+    out = eval_gsm8k.analysis(model, 4, steps)
+    for name, d in steps.items():
+        W = model.get_submodule(name).base_layer.weight.double()
+        S = torch.linalg.svdvals(W)
+        noise = math.sqrt(d ** 2 / 12) * math.sqrt(max(W.shape))
+        got = out["layers"][name]
+        assert got["noise_sigma"] == pytest.approx(noise)
+        assert got["minor_over_noise"] == pytest.approx(S[-4].item() / noise, rel=1e-9)
+        assert got["principal_over_noise"] == pytest.approx(S[3].item() / noise, rel=1e-9)
+    assert out["noise_floor"]["q_proj"]["minor_over_noise"] == out["layers"][
+        "model.layers.0.self_attn.q_proj"]["minor_over_noise"]  # the median of one
+    assert "noise_sigma" not in out["layers"]["model.layers.0.self_attn.k_proj"]  # no step, no noise figure
+    assert "noise_floor" not in eval_gsm8k.analysis(model, 4)
 
 
 def readme_study(**settings):
-    """The README's study command, with its settings line replaced by `settings` and scripts run from HERE."""
+    """The README's study command, with its settings lines replaced by `settings` and scripts run from HERE."""
     block = re.search(r"```bash\n(\( set -e.*?)\n```", open(os.path.join(HERE, "README.md")).read(), re.S).group(1)
+    lines = block.splitlines()
+    assigned = [i for i, l in enumerate(lines) if re.match(r"^[A-Z_]+=", l)]
+    names = {n for i in assigned for n in re.findall(r"(\w+)=", lines[i])}
+    assert assigned == [1, 2] and names == set(settings), f"the settings changed: {sorted(names)}"
     line = " ".join(f"{k}={json.dumps(v) if ' ' in v else v}" for k, v in settings.items())
-    toy, n = re.subn(r"^OUT=.*$", lambda m: line, block, count=1, flags=re.M)
-    assert n == 1 and set(settings) == set(re.findall(r"(\w+)=", block.splitlines()[1])), "the settings changed"
+    toy = "\n".join([lines[0], line] + lines[3:])
     return re.sub(r"\bpython (\w+\.py)", lambda m: f"{sys.executable} {os.path.join(HERE, m.group(1))}", toy)
 
 
-def test_study_end_to_end(tmp_path):
-    """The README's study, as written, at toy size: tiny model, 2 methods, 1 seed, 2 steps."""
-    script = readme_study(OUT="out-study", MODEL="tiny", METHODS="lora milora", SEEDS="1", STEPS="2", RANK="4",
-                          LIMIT="4")
-    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+def test_study_end_to_end_and_rerun(tmp_path):
+    """The README's study, as written, at toy size: tiny model, 2 steps, LoRA and MiLoRA at two learning rates and
+    MiLoRA without q_proj, 1 seed. A rerun redoes nothing, and after a lost result only that run is scored again."""
+    script = readme_study(OUT="out-study", MODEL="tiny", STEPS="2", RANK="4", LIMIT="4", SEEDS="1", LR="3e-4",
+                          METHODS="lora milora", SWEEP_SEEDS="1", LRS="1e-2", SWEEP="lora milora", ABLATE="milora")
+    run = lambda: subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = run()
     assert done.returncode == 0, done.stderr[-3000:]
-    study = json.load(open(tmp_path / "out-study" / "study.json"))
-    assert sorted(r["method"] for r in study["runs"]) == ["base", "lora", "milora"]
-    assert set(study["settings"]) == {"lora", "milora"} and study["settings"]["milora"]["rank"] == 4
+    out = tmp_path / "out-study"
+    study = json.load(open(out / "study.json"))
+    assert json.load(open(tmp_path / "assets" / "study.json")) == study
+    assert sorted(r["run"].split("/")[0] for r in study["runs"]) == [
+        "base", "lora-1e-2-1", "lora-3e-4-1", "milora-1e-2-1", "milora-3e-4-1", "milora-noq-1"]
+    assert list(study["arms"]) == ["base", "lora, lr 0.0003", "lora, lr 0.01", "milora, lr 0.0003",
+                                   "milora, lr 0.0003, k_proj,v_proj,up_proj,down_proj", "milora, lr 0.01"]
+    assert study["settings"]["rank"] == 4 and study["settings"]["max_steps"] == 2
     for r in study["runs"]:
         figures = ["accuracy"] if r["method"] == "base" else list(eval_gsm8k.FIGURES)
+        if "q_proj" not in (r["target_modules"] or "q_proj"):  # the ablation has no q_proj to take Table 7's from
+            figures.remove("q_proj_amplification")
+            assert r["q_proj_amplification"] is None
         assert all(isinstance(r[k], float) and math.isfinite(r[k]) for k in figures), r
-    for method in ("lora", "milora"):
-        t = study["table"][method]
-        assert t["runs"] == 1 and all(math.isfinite(t[k]["mean"]) and t[k]["std"] is None for k in eval_gsm8k.FIGURES)
-    by = {r["method"]: r for r in study["runs"]}
-    assert by["lora"]["forgetting_kl"] > 0 and by["milora"]["forgetting_kl"] > 0
+    by = {r["run"].split("/")[0]: r for r in study["runs"]}
+    assert by["lora-3e-4-1"]["forgetting_kl"] > 0 and by["milora-3e-4-1"]["forgetting_kl"] > 0
     # MiLoRA's update starts in W's minor subspace and is still there after 2 steps; LoRA's is near chance.
-    assert by["milora"]["phi_minor"] > 0.3 > by["milora"]["phi_principal"]
-    assert by["lora"]["phi_minor"] < 0.2
-    rows = (tmp_path / "out-study" / "study.csv").read_text().splitlines()
-    assert len(rows) == 4 and rows[0].startswith("run,method,seed,accuracy")
-    table = (tmp_path / "out-study" / "study.md").read_text()
-    assert table in done.stdout and "| milora | 1 |" in table
-    assert (tmp_path / "assets" / "replication.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert by["milora-3e-4-1"]["phi_minor"] > 0.3 > by["milora-3e-4-1"]["phi_principal"]
+    assert by["lora-3e-4-1"]["phi_minor"] < 0.2
+    assert set(study["matched_accuracy"]) >= {"levels", "targets"}
+    rows = (out / "study.csv").read_text().splitlines()
+    assert len(rows) == 7 and rows[0].startswith("run,method,lr,target_modules,seed,accuracy")
+    assert (out / "study.md").read_text() in done.stdout
+    assert (tmp_path / "assets" / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Rerun: every result is complete, so nothing trains or scores again.
+    files = sorted(out.glob("*/adapter/adapter_model.safetensors")) + sorted(out.glob("*/eval.summary.json"))
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    again = run()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    assert json.load(open(out / "study.json")) == study
+    # One run's score lost (killed while scoring): only it is scored again, and the study is the same.
+    (out / "lora-1e-2-1" / "eval.summary.json").unlink()
+    third = run()
+    assert third.returncode == 0, third.stderr[-3000:]
+    changed = [f for f in files if f.stat().st_mtime_ns != stamps[f]]
+    assert changed == [out / "lora-1e-2-1" / "eval.summary.json"]
+    assert json.load(open(out / "study.json"))["arms"] == study["arms"]
 
 
 def test_study_report_without_matplotlib_still_writes_the_table(tmp_path, monkeypatch, capsys):
     for run, method in (("base", None), ("lora-1", "lora")):
         os.makedirs(tmp_path / run)
-        summary = {"accuracy": 0.25, "train": method and {"method": method, "seed": 1}}
+        summary = {"accuracy": 0.25, "train": method and {"method": method, "seed": 1, "lr": 3e-4}}
         summary.update({} if method is None else {k: 0.5 for k in eval_gsm8k.FIGURES if k != "accuracy"})
         json.dump(summary, open(tmp_path / run / "eval.summary.json", "w"))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     result = eval_gsm8k.main(["--report", str(tmp_path), "--plot", str(tmp_path / "plot.png")])
     assert "no plot" in capsys.readouterr().out and not (tmp_path / "plot.png").exists()
-    assert result["table"]["lora"]["phi_minor"] == {"mean": 0.5, "std": None}
+    assert result["arms"]["lora"]["phi_minor"] == {"mean": 0.5, "std": None}
     assert (tmp_path / "study.json").exists() and (tmp_path / "study.md").exists()
     with pytest.raises(SystemExit, match="no \\*/\\*.summary.json"):
         eval_gsm8k.main(["--report", str(tmp_path / "lora-1")])
-    # Runs that differ in more than the method and seed would average, or compare, two experiments: refused.
+    # Runs that differ in more than their arm (method, lr, targets) and seed would average, or compare, two
+    # experiments: refused. Another lr is another arm.
     os.makedirs(tmp_path / "lora-2")
-    for change, error in (({"train": {"method": "lora", "seed": 2, "max_steps": 60}},
+    for change, error in (({"train": {"method": "lora", "seed": 2, "lr": 3e-4, "max_steps": 60}},
                            "lora-2/eval.summary.json was trained differently .*max_steps None vs 60"),
-                          ({"train": {"method": "lora", "seed": 2}, "total": 50},
+                          ({"train": {"method": "lora", "seed": 2, "lr": 3e-4}, "total": 50},
                            "lora-2/eval.summary.json was scored differently .*total None vs 50"),
-                          ({"train": {"method": "lora", "seed": 1}}, "a second lora run with seed 1")):
+                          ({"train": {"method": "lora", "seed": 1, "lr": 3e-4}}, "a second run of .*lora.* seed 1")):
         json.dump({**summary, **change}, open(tmp_path / "lora-2" / "eval.summary.json", "w"))
         with pytest.raises(SystemExit, match=error):
             eval_gsm8k.main(["--report", str(tmp_path)])
+    json.dump({**summary, "train": {"method": "lora", "seed": 1, "lr": 1e-3}}, open(tmp_path / "lora-2" /
+                                                                                   "eval.summary.json", "w"))
+    assert set(eval_gsm8k.main(["--report", str(tmp_path)])["arms"]) == {"base", "lora, lr 0.0003", "lora, lr 0.001"}
 
 
 def test_analysis_of_a_trained_adapter(trained, tiny_dir):
@@ -998,7 +1090,7 @@ def test_forgetting_with_base_model_matches_disabled_adapter(trained, tiny_dir):
     ("The answer is: 5/0", None),
 ])
 def test_extract_answer(completion, answer):
-    assert eval_gsm8k.extract_answer(completion) == answer
+    assert train_math.extract_answer(completion) == answer
 
 
 def test_toy_data_is_deterministic_with_disjoint_splits():
@@ -1009,7 +1101,7 @@ def test_toy_data_is_deterministic_with_disjoint_splits():
     for r in train[:50]:
         assert set(r) == {"query", "response", "type", "original_question"}
         n = int(r["response"].rsplit("The answer is: ", 1)[1])
-        assert eval_gsm8k.first_number(train_math.gsm8k_view(r)["answer"].rsplit("####", 1)[1]) == n
+        assert train_math.first_number(train_math.gsm8k_view(r)["answer"].rsplit("####", 1)[1]) == n
         assert eval(r["response"].split("step. ")[1].split(" =")[0]) == n  # the toy arithmetic is right
     assert {r["type"] for r in train} == {"TOY_add", "TOY_sub", "TOY_mul", "TOY_div"}
 

@@ -16,13 +16,16 @@ alpha 128 for LoRA and 64 for PiSSA/MiLoRA, dropout 0.05, AdamW 3e-4, linear sch
 its 100 warm-up steps, global batch 16 and 3 epochs (--max_steps -1) are flags.
 Outputs in --output_dir: adapter/ (PEFT format, for the untouched base), args.json, merged/ with --merge.
 An --output_dir that already holds a run needs --resume (same settings) or --overwrite (replaces it).
-This file also holds what eval_gsm8k.py shares: prompts, the tiny model, the toy data, the loaders.
+This file also holds what eval_gsm8k.py shares: prompts, the tiny model, the toy data, the loaders, and the
+scoring (greedy completions and MetaMath's answer rule). eval_gsm8k.py imports this file, never the reverse.
 """
 import argparse, functools, glob, importlib.util, json, math, os, random, re, shutil, string, sys, time, zipfile, zlib
+from fractions import Fraction
 
 import torch
 from datasets import Dataset, Value, load_dataset
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast, Trainer, TrainingArguments)
 
@@ -144,6 +147,58 @@ def one_line(e):
     """An exception as one line, for an error message (datasets wraps the real cause)."""
     e = e.__cause__ or e
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+# -----------------------------------------------------------------------------
+# scoring: greedy completions and MetaMath's answer rule (eval_gsm8k.py's, and the held-out score's here)
+
+DELIMITERS = ("The answer is: ", "The answer is ", "The final answer is: ", "The final answer is ", "#### ")
+NUMBER = re.compile(r"[-+]?(?:\d+/\d+|\d+(?:\.\d*)?|\.\d+)")  # 3/4, 12, -3.5, 7., .5
+STOP = "### Instruction"
+
+
+def first_number(text):
+    """The first number in text as an exact Fraction (commas dropped, a/b evaluated), or None."""
+    m = NUMBER.search(text.replace(",", ""))
+    try:
+        return None if m is None else Fraction(m.group().rstrip("."))
+    except ZeroDivisionError:  # "5/0"
+        return None
+
+
+def extract_answer(completion):
+    """MetaMath's rule: the first number after the last 'The answer is: ', with PEFT's fallback delimiters.
+    Unlike MetaMath we don't round to an integer: 3.5 does not match a gold 4."""
+    for d in DELIMITERS:
+        if d in completion:
+            return first_number(completion.rsplit(d, 1)[1])
+    return None
+
+
+@torch.no_grad()
+def generate(model, tok, prompts, batch_size, max_new_tokens):
+    """Greedy completions, in the order of `prompts`. Longest first, so an out-of-memory shows up at once."""
+    tok.padding_side = "left"  # generation continues from the right end of every row
+    order = sorted(range(len(prompts)), key=lambda i: -len(tok(prompts[i])["input_ids"]))
+    out = [None] * len(prompts)
+    for s in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
+        idx = order[s:s + batch_size]
+        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(model.device)
+        seqs = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                              stop_strings=[STOP], tokenizer=tok)  # per-row stop, generation ends when all stopped
+        for i, row in zip(idx, seqs[:, enc["input_ids"].shape[1]:]):
+            out[i] = tok.decode(row, skip_special_tokens=True).split(STOP)[0]  # drop the stop string itself
+    return out
+
+
+def gold_answers(ds, data):
+    """The number after the last '####' of every answer (GSM8K's format); a row without one is an error, by number."""
+    golds = [first_number(a.rsplit("####", 1)[1]) if "####" in a else None for a in ds["answer"]]
+    if None in golds:
+        i = golds.index(None)
+        sys.exit(f"{data}: row {i + 1} has no gold answer: its answer must end in '#### <number>', "
+                 f"but ends {ds['answer'][i][-40:]!r}")
+    return golds
 
 
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
@@ -385,15 +440,14 @@ def changed_settings(args):
 
 def held_out_accuracy(model, tok, args):
     """-> (correct, total): greedy eval_gsm8k-style scoring of the first --eval_limit held-out problems."""
-    import eval_gsm8k  # here, not at the top: eval_gsm8k imports this module
     data = args.eval_data or ("toy" if args.data == "toy" else "openai/gsm8k:main")
     ds = load_data(data, "test", ("question", "answer"), args.eval_limit)
-    golds = eval_gsm8k.gold_answers(ds, data)  # before generating: a row without '#### N' is an error
+    golds = gold_answers(ds, data)  # before generating: a row without '#### N' is an error
     was_training, model.config.use_cache = model.training, True  # generation wants its KV cache, training doesn't
-    completions = eval_gsm8k.generate(model.eval(), tok, [EVAL_PROMPT.format(query=q) for q in ds["question"]],
+    completions = generate(model.eval(), tok, [EVAL_PROMPT.format(query=q) for q in ds["question"]],
                                       args.eval_batch_size, args.eval_max_new_tokens)
     model.train(was_training).config.use_cache = False
-    predictions = map(eval_gsm8k.extract_answer, completions)
+    predictions = map(extract_answer, completions)
     return sum(p is not None and p == g for p, g in zip(predictions, golds)), len(ds)
 
 
