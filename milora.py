@@ -66,7 +66,7 @@ def svd_factors(weight, r, part="minor", scale=1.0, generator=None, fast=True):
     # Each pair's sign is arbitrary: fix it (u's largest entry > 0, as svd_flip) so routes, runs and processes agree.
     sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()  # 1×r
     sqrt_s = (S / scale).sqrt()  # r
-    return U * sign * sqrt_s, sqrt_s[:, None] * Vh * sign.T  # B out×r, A r×in
+    return (U * sign * sqrt_s).contiguous(), (sqrt_s[:, None] * Vh * sign.T).contiguous()  # B out×r, A r×in
 
 def svd_split(weight, r, part="minor", scale=1.0, generator=None, fast=True):
     """B, A as svd_factors gives them, and the residual W − scale·B A that stays frozen, all float32:

@@ -19,7 +19,8 @@ An --output_dir that already holds a run needs --resume (same settings) or --ove
 This file also holds what eval_gsm8k.py shares: prompts, the tiny model, the toy data, the loaders, and the
 scoring (greedy completions and MetaMath's answer rule). eval_gsm8k.py imports this file, never the reverse.
 """
-import argparse, functools, glob, importlib.util, json, math, os, random, re, shutil, string, sys, time, zipfile, zlib
+import argparse, contextlib, functools, glob, importlib.util, json, math, os, random, re, shutil, string, sys, time
+import zipfile, zlib
 from fractions import Fraction
 
 import torch
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast, Trainer, TrainingArguments)
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 import milora
 
@@ -282,27 +284,43 @@ def collate(batch, pad_id):
 
 class AdapterTrainer(Trainer):
     """A checkpoint keeps only the adapter tensors (with the saved SVD factors that rebuild the residual), not the
-    base model; Trainer still saves its optimizer, scheduler, RNG and trainer state beside them."""
+    base model; Trainer still saves its optimizer, scheduler, RNG and trainer state beside them (and DeepSpeed its own
+    checkpoint, which also holds the frozen weights' shards)."""
 
-    def _save(self, output_dir=None, state_dict=None):
+    def save_model(self, output_dir=None, _internal_call=False):
+        output_dir = output_dir or self.args.output_dir
+        with gathered(self.model):  # every process takes part: under ZeRO-3 each holds only a slice of each tensor
+            state = {k: v.detach().cpu().contiguous().clone() for k, v in milora.adapter_state_dict(self.model).items()}
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
             # Trainer writes trainer_state.json last: a stale one from an earlier save into this folder must not make
             # a half-written checkpoint look complete.
             if os.path.exists(os.path.join(output_dir, TRAINER_STATE)):
                 os.remove(os.path.join(output_dir, TRAINER_STATE))
-            state = {k: v.detach().cpu().contiguous().clone() for k, v in milora.adapter_state_dict(self.model).items()}
             milora.write_atomically(os.path.join(output_dir, ADAPTER_STATE), lambda f: save_file(state, f))
 
     def _load_from_checkpoint(self, checkpoint, model=None):
         # Nothing to load: main() built the model from this checkpoint's adapter state, before Trainer existed.
+        # (Under DeepSpeed, Trainer loads DeepSpeed's own checkpoint instead, and never calls this.)
         if not os.path.isfile(os.path.join(checkpoint, ADAPTER_STATE)):
             raise ValueError(f"{checkpoint} has no {ADAPTER_STATE}")
 
 
+def gathered(model, params=None):
+    """A context in which the trainable (adapter) parameters, or `params`, are whole on every process: under DeepSpeed
+    ZeRO-3 each process holds a slice of each, so all gather them together, and keep changes made alike on every
+    process (rank 0's). Elsewhere there is nothing to gather."""
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
+    return deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=0)
+
+
 def checkpoint_problem(ckpt):
     """Why `ckpt` can't be resumed from (one line), or None if it is complete and every file in it reads."""
-    files = [TRAINER_STATE, ADAPTER_STATE] + sorted(f for f in os.listdir(ckpt) if f.endswith((".pt", ".pth", ".bin")))
+    files = [TRAINER_STATE, ADAPTER_STATE] + sorted(os.path.relpath(f, ckpt) for f in glob.glob(
+        os.path.join(ckpt, "**", "*"), recursive=True) if f.endswith((".pt", ".pth", ".bin")))  # DeepSpeed's: below
     for f in files:
         path = os.path.join(ckpt, f)
         try:
@@ -371,7 +389,8 @@ def parse_args(argv):
     p.add_argument("--output_dir", default="out-math", help="adapter/, args.json, checkpoint-*/, merged/")
     p.add_argument("--save_steps", type=int, default=500, help="checkpoint every N steps (the last 2 are kept)")
     p.add_argument("--logging_steps", type=int, default=10, help="log the loss every N steps")
-    p.add_argument("--deepspeed", help="DeepSpeed config JSON, e.g. ZeRO-2 as in the paper (needs deepspeed)")
+    p.add_argument("--deepspeed", help="zero2 (the paper's), zero3, or a DeepSpeed config JSON; the batch, bf16 and "
+                   "clipping fields come from this script's flags (needs pip install deepspeed)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-* in --output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output_dir (deletes it)")
     p.add_argument("--merge", action="store_true", help="also write output_dir/merged, a full merged model")
@@ -398,13 +417,42 @@ def parse_args(argv):
         sys.exit("--alpha: MiSS has no alpha; leave it out")
     if not any(t.strip() for t in args.target_modules.split(",")):
         sys.exit("--target_modules is empty")
-    if args.deepspeed and not os.path.isfile(args.deepspeed):
-        sys.exit(f"--deepspeed {args.deepspeed}: no such file")
+    args.deepspeed_config = deepspeed_config(args.deepspeed) if args.deepspeed else None
+    if args.deepspeed_config and args.deepspeed_config["zero_optimization"].get("stage") == 3:
+        if args.eval_limit or args.merge:
+            sys.exit(f"--deepspeed {args.deepspeed}: ZeRO-3 splits every weight across the processes, so "
+                     f"{'--merge' if args.merge else '--eval_limit'} can't run on one: pass --eval_limit 0 (and no "
+                     f"--merge), then score or merge the saved adapter with eval_gsm8k.py or milora.merge_adapters")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         sys.exit(f"--output_dir {args.output_dir}: a file, not a directory")
     if args.resume and args.overwrite:
         sys.exit("--resume continues the run in --output_dir, --overwrite replaces it: give one of them")
     return args
+
+
+DEEPSPEED = {"zero2": {"zero_optimization": {"stage": 2}}, "zero3": {"zero_optimization": {"stage": 3}}}
+SCRIPT_FIELDS = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                 "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}  # Trainer fills them from the flags
+
+
+def deepspeed_config(arg):
+    """--deepspeed as a config dict: a stage by name, or a JSON file whose batch fields are unset or "auto"."""
+    if importlib.util.find_spec("deepspeed") is None:
+        sys.exit("--deepspeed needs the deepspeed package: pip install deepspeed")
+    if arg in DEEPSPEED:
+        cfg = json.loads(json.dumps(DEEPSPEED[arg]))
+    else:
+        try:
+            with open(arg) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as e:
+            sys.exit(f"--deepspeed {arg}: not zero2, zero3 or a readable JSON file ({one_line(e)})")
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("zero_optimization", {}), dict):
+            sys.exit(f"--deepspeed {arg}: a DeepSpeed config is a JSON object with a zero_optimization object")
+    if set_ := [k for k in SCRIPT_FIELDS if cfg.get(k, "auto") != "auto"]:
+        sys.exit(f"--deepspeed {arg} sets {', '.join(set_)}: this script sets them from --batch_size and "
+                 f'--per_device_batch_size; leave them out or "auto"')
+    return {**cfg, **SCRIPT_FIELDS, "zero_optimization": cfg.get("zero_optimization", {})}
 
 
 def batch_layout(batch_size, per_device, world):
@@ -417,7 +465,7 @@ def batch_layout(batch_size, per_device, world):
 
 RUN_FILES = ("args.json", "adapter", "merged")  # with checkpoint-*: what a run leaves in its --output_dir
 FREE_SETTINGS = {"output_dir", "resume", "overwrite", "merge", "logging_steps", "save_steps", "per_device_batch_size",
-                 "deepspeed", "gradient_checkpointing", "eval_limit", "eval_data", "eval_max_new_tokens",
+                 "gradient_checkpointing", "eval_limit", "eval_data", "eval_max_new_tokens",
                  "eval_batch_size"}  # may change on --resume; everything else defines the trained model
 
 
@@ -477,14 +525,18 @@ def main(argv=None):
         save_steps=args.save_steps, save_total_limit=2, bf16=bf16, activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},  # the reentrant kind needs inputs with grads
         use_cpu=not cuda,  # without it, torchrun on a CPU starts independent runs instead of one DDP (gloo) run
-        ddp_broadcast_buffers=False,  # B0/A0 are frozen: broadcast once below, not in every forward
+        ddp_broadcast_buffers=False,  # B0/A0 are frozen and the same in every process: no broadcast in every forward
         ddp_find_unused_parameters=False, remove_unused_columns=False, dataloader_pin_memory=cuda, report_to="none",
-        deepspeed=args.deepspeed, seed=args.seed)
+        deepspeed=args.deepspeed_config, seed=args.seed)
     if training_args.world_size != world:
         sys.exit(f"WORLD_SIZE is {world} but Trainer set up {training_args.world_size} process(es)")
+    zero3 = is_deepspeed_zero3_enabled()  # then from_pretrained splits every weight across the processes as it loads
+    if args.deepspeed and world > 1 and not cuda:  # on a CPU accelerate starts torch.distributed but not DeepSpeed's
+        import deepspeed  # layer over it, and without that ZeRO-3's load would take this for a 1-process run
+        deepspeed.init_distributed(dist_backend="gloo")
     ds = load_data(args.data, "train", ("query", "response"), args.max_samples)  # before the slow model load
     model, tok = load_model(args.model, args.gguf_file)
-    if cuda:  # decompose where it will train: no per-layer trips between CPU and GPU
+    if cuda and not zero3:  # decompose where it will train: no per-layer trips between CPU and GPU
         model.to(training_args.device)
     model.config.use_cache = False
     with training_args.main_process_first():  # rank 0 tokenizes and caches, the others reuse its cache
@@ -496,24 +548,22 @@ def main(argv=None):
     if args.eval_limit > 0 and training_args.process_index == 0:  # the other ranks wait for it at the broadcast
         before = held_out_accuracy(model, tok, args)
         print(f"held-out accuracy before training: {before[0]}/{before[1]}")
-    # The SVD init runs here, in every process, before Trainer wraps the model. Ranks need not agree bit for bit
-    # (SVD signs, thread counts, GPU kernels), so rank 0's state is sent to the others once: DDP broadcasts the
-    # parameters (adapters and residual weights) when it wraps the model; the buffers (B0, A0) go here, because
-    # ddp_broadcast_buffers=False, which spares the per-step broadcast, also leaves them out of that first sync.
+    # The init runs here, in every process, before Trainer wraps the model. With N processes each decomposes every
+    # N-th layer and apply_adapters sends the factors to the others, so all start from the same state, bit for bit.
     # On --resume, init_state restores the adapter and rebuilds the residual from the saved factors: no new SVD.
     init_state = load_file(os.path.join(checkpoint, ADAPTER_STATE)) if checkpoint else None
     torch.manual_seed(args.seed)  # LoRA's random A
+    t0 = time.time()
     try:
         milora.apply_adapters(model, args.method, r=args.rank, alpha=args.alpha, dropout=args.dropout,
-                              target_modules=tuple(args.target_modules.split(",")), init_state=init_state)
+                              target_modules=tuple(args.target_modules.split(",")), init_state=init_state,
+                              gather=lambda weight: gathered(model, [weight]))
     except (ValueError, TypeError) as e:
         sys.exit(f"cannot apply {args.method} with --rank {args.rank} to {args.model}: {e}")
-    if world > 1:
-        for b in model.buffers():
-            packed = b.contiguous()  # B0 from the SVD may be a transposed view
-            torch.distributed.broadcast(packed, src=0)
-            if packed.data_ptr() != b.data_ptr():
-                b.copy_(packed)
+    if args.method in milora.PARTS:
+        n = len(milora.adapter_layers(model))
+        print(f"init: decomposed {0 if checkpoint else len(milora.process_share(n))} of {n} layers in "
+              f"{time.time() - t0:.1f} s (rank {training_args.process_index} of {training_args.world_size})")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.method}: {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters; "
           f"{training_args.world_size} process(es) ({training_args.parallel_mode.value}), bf16 {bf16}, "
@@ -535,8 +585,10 @@ def main(argv=None):
     if losses:
         print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f} ({time.time() - t0:.0f} s)")
 
+    with gathered(model):  # under ZeRO-3 every process takes part
+        if trainer.is_world_process_zero():
+            milora.save_adapter(model, os.path.join(args.output_dir, "adapter"))
     if trainer.is_world_process_zero():
-        milora.save_adapter(model, os.path.join(args.output_dir, "adapter"))
         if args.merge:
             milora.merge_adapters(model).save_pretrained(os.path.join(args.output_dir, "merged"))
             tok.save_pretrained(os.path.join(args.output_dir, "merged"))
@@ -545,6 +597,9 @@ def main(argv=None):
             after = held_out_accuracy(model, tok, args)
             print(f"accuracy: {before[0] / before[1]:.2f} -> {after[0] / after[1]:.2f} "
                   f"({before[0]}/{before[1]} -> {after[0]}/{after[1]} held-out problems, before -> after training)")
+    if torch.distributed.is_initialized():  # the others wait for rank 0's saves, then all leave together
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return model
 
 
