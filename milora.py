@@ -13,7 +13,7 @@ appendices hold what a reader may skip: A. the checks that make a bad call fail 
 triplets 2–3× faster than a full SVD (the default route), C. machinery. `python milora.py` runs a one-minute demo.
 Needs torch, safetensors and tqdm; nothing else.
 """
-import contextlib, json, math, numbers, os, re, signal, threading, warnings
+import contextlib, json, math, numbers, os, pathlib, re, signal, threading, warnings
 
 import torch
 import torch.distributed as dist
@@ -51,8 +51,8 @@ def svd_factors(weight, r, part="minor", scale=1.0, generator=None, fast=True):
     """B (out×r) and A (r×in), float32, from r singular triplets of W = U Σ Vᵀ: B = U √(Σ/scale), A = √(Σ/scale) Vᵀ.
     part: "minor" takes the r smallest (MiLoRA), "principal" the r largest (PiSSA), "middle" or "random" (ablations).
     The adapter adds scale·B A (scale = α/r), so Σ is divided by scale, as PEFT does: scale·B A is then exactly the
-    chosen part of W, for any α. fast=True takes appendix B's route, as accurate as float32 torch.linalg.svd and 2–3×
-    faster; fast=False takes that full SVD (svd_triplets)."""
+    chosen part of W (but σ zeroed below), for any α. fast=True takes appendix B's route, within 2× of float32
+    torch.linalg.svd's error (tested) and 2–3× faster on a CPU (bench.py real); fast=False takes that SVD."""
     device = "cuda" if torch.cuda.is_available() and not weight.is_cuda else weight.device  # a GPU, if there is one
     W = weight.detach().to(device, torch.float32)  # float32 whatever the weight's dtype; one layer at a time
     m = min(W.shape)
@@ -63,14 +63,14 @@ def svd_factors(weight, r, part="minor", scale=1.0, generator=None, fast=True):
     idx = triplet_indices(m, r, part, generator)
     U, S, Vh, smax = (fast_triplets if fast else svd_triplets)(W, idx)
     S = torch.where(S > 2 * EPS * smax, S, 0)  # float32 can't tell σ below this from 0: their vectors are noise
-    # Each pair's sign is arbitrary: fix it (u's largest entry > 0, as svd_flip) so routes, runs and processes agree.
+    # Each pair's sign is arbitrary: fix it (u's largest entry > 0, as svd_flip) so runs agree, and routes to rounding.
     sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()  # 1×r
     sqrt_s = (S / scale).sqrt()  # r
     return (U * sign * sqrt_s).contiguous(), (sqrt_s[:, None] * Vh * sign.T).contiguous()  # B out×r, A r×in
 
 def svd_split(weight, r, part="minor", scale=1.0, generator=None, fast=True):
     """B, A as svd_factors gives them, and the residual W − scale·B A that stays frozen, all float32:
-    W = residual + scale·B A. (apply_adapters writes this residual into the weight, in the weight's own dtype.)"""
+    W = residual + scale·B A, on the device that decomposed. (apply_adapters writes the same into the weight.)"""
     B, A = svd_factors(weight, r, part, scale, generator, fast)
     return B, A, torch.addmm(weight.detach().to(B.device, torch.float32), B, A, alpha=-scale)
 
@@ -99,13 +99,12 @@ class LoraLinear(AdapterLayer):
     def __init__(self, base: nn.Linear, r, alpha, dropout=0.0, init="lora"):
         super().__init__(base, r, dropout)
         self.alpha, self.scaling, self.init = alpha, alpha / r, init
-        self.lora_A = nn.Parameter(torch.zeros(r, base.in_features, device=base.weight.device))  # r×in, float32 (PEFT's)
+        self.lora_A = nn.Parameter(torch.zeros(r, base.in_features, device=base.weight.device))  # r×in, float32 (PEFT)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))  # out×r
 
     @torch.no_grad()
     def initialize(self, state=None, generator=None):
-        """Fill A and B by the layer's init, or from `state` (its part of an adapter_state_dict). W is not touched yet:
-        subtract_init_ does that, once every layer of the model has initialised."""
+        """Fill A and B by the layer's init, or from `state` (its part of an adapter_state_dict); W stays as it is."""
         if self.init != "lora":  # B₀, A₀ from the SVD, or the saved ones (resume: no new SVD, the same residual)
             B0, A0 = (state["lora_B0"], state["lora_A0"]) if state else \
                 svd_factors(self.base_layer.weight, self.r, PARTS[self.init], self.scaling, generator)
@@ -121,11 +120,11 @@ class LoraLinear(AdapterLayer):
 
     @torch.no_grad()
     def subtract_init_(self, buffer):
-        """W ← W − (α/r)·B₀A₀, in place and in W's own dtype, through a float32 `buffer` of at least W's size: this
-        allocates nothing, so once apply_adapters starts changing the model it can't fail half-way."""
+        """W ← W − (α/r)·B₀A₀, in place: computed in `buffer` (float32, or float64 for a float64 W; at least W's size)
+        and stored in W's dtype. It allocates nothing (but float64 B₀, A₀), so once started it can't fail half-way."""
         W = self.base_layer.weight
         tmp = buffer[:W.numel()].view(W.shape).copy_(W)
-        W.copy_(tmp.addmm_(self.lora_B0, self.lora_A0, alpha=-self.scaling))
+        W.copy_(tmp.addmm_(self.lora_B0.to(tmp), self.lora_A0.to(tmp), alpha=-self.scaling))
 
     def add_update_(self, y, x):
         h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (tokens, r) = A x
@@ -174,7 +173,8 @@ def apply_adapters(model, method="milora", r=64, alpha=None, dropout=0.0, target
         weight is whole and changes that every process makes alike are kept.
     All or nothing: every argument, weight and state is checked (appendix A) and every layer initialised before the
     model changes, so an error or Ctrl-C leaves it as it was. Under torch.distributed, every process calls this on
-    the same model: each decomposes its share of the layers (appendix C), and all get the same factors."""
+    the same model with the same RNG state (torch.manual_seed): each decomposes its share of the layers (appendix C),
+    and all get the same factors."""
     alpha = _check_args(method, r, alpha, dropout, target_modules)
     targets = _find_targets(model, method, r, target_modules, init_state, gather)  # [(name, nn.Linear)]
     layers = [(MissLinear(mod, r, dropout) if method == "miss" else LoraLinear(mod, r, alpha, dropout, method))
@@ -183,29 +183,26 @@ def apply_adapters(model, method="milora", r=64, alpha=None, dropout=0.0, target
                                                           if f"{name}.{k}" in init_state}  # one layer's part of it
     # "random" picks each layer's triplets with a seed drawn here, in order: the same whichever process decomposes it.
     seeds = torch.randint(2 ** 62, (len(targets),)).tolist() if method == "random" else [0] * len(targets)
-
     # 1. The slow part, which changes nothing in the model: every layer's init, an SVD for PiSSA and MiLoRA.
     mine = process_share(len(targets)) if method in PARTS and init_state is None else range(len(targets))
     for i in tqdm(range(len(targets)), desc=f"{method} init", unit="layer", leave=False):
         with gather(targets[i][1].weight):  # ZeRO-3: every process gathers, the owner of layer i decomposes it
             if i in mine:
                 layers[i].initialize(state(targets[i][0]), torch.Generator().manual_seed(seeds[i]))
-    if len(mine) < len(targets):
+    if method in PARTS and init_state is None and dist.is_available() and dist.is_initialized():
         _share_factors(layers, mine)  # each layer's B₀, A₀, from the process that decomposed it to all the others
     _warn_zero_singular_values(targets, layers, method, r)
-
     # 2. The model changes here, in a step that allocates nothing (but ZeRO-3's gathers) and holds Ctrl-C until done.
-    sizes = {}  # the SVD inits write residuals through one float32 scratch buffer per device, of the largest size
-    for _, mod in (targets if method in PARTS else []):
-        sizes[mod.weight.device] = max(sizes.get(mod.weight.device, 0), mod.in_features * mod.out_features)
-    buffers = {d: torch.empty(n, device=d, dtype=torch.float32) for d, n in sizes.items()}
+    largest = max(m.in_features * m.out_features for _, m in targets)  # SVD inits write residuals through a buffer
+    buffers = {k: torch.empty(largest, device=k[0], dtype=k[1])  # of that size, one per device and dtype
+               for k in {(m.weight.device, _wide(m.weight)) for _, m in targets}} if method in PARTS else {}
     with _holding_interrupts():
         for p in model.parameters():
             p.requires_grad_(False)
         for (name, mod), layer in zip(targets, layers):
             if method in PARTS:
                 with gather(mod.weight):
-                    layer.subtract_init_(buffers[mod.weight.device])
+                    layer.subtract_init_(buffers[mod.weight.device, _wide(mod.weight)])
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
     return model
@@ -217,9 +214,9 @@ CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "b
 
 def save_adapter(model, path):
     """Write a PEFT adapter directory (adapter_config.json and adapter_model.safetensors, never a pickle) that
-    applies to the original, untouched base model. PiSSA and MiLoRA trained on the residual W₀ − B₀A₀, so for the
-    untouched W₀ their update is ΔW = BA − B₀A₀ = [B | −B₀]·[A ; A₀]: a plain LoRA of rank 2r, saved with α doubled
-    to keep α/r (PEFT's conversion). Nobody then has to ship the residual model."""
+    applies to the original, untouched base model. PiSSA and MiLoRA train on the residual W₀ − (α/r)B₀A₀, so for the
+    untouched W₀ their update is ΔW = (α/r)(BA − B₀A₀) = (α/r)[B | −B₀]·[A ; A₀]: a plain LoRA of rank 2r, saved with
+    α doubled to keep α/r (PEFT's conversion; the same for every SVD init). Nobody has to ship the residual model."""
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no adapters to save")
@@ -266,14 +263,15 @@ def merge_adapters(model):
     """Fold every adapter into its weight and put the plain nn.Linear back. Merging a merged model is a no-op."""
     for name, layer in adapter_layers(model):
         W = layer.base_layer.weight
-        W.copy_(W.float() + layer.delta_weight().to(W.device))  # add in float32, then round once to W's dtype
+        W.copy_(W.to(_wide(W)) + layer.delta_weight(_wide(W)).to(W.device))  # add in float32 (or 64), round once
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.base_layer)
     return model
 
 @contextlib.contextmanager
 def disable_adapters(model):
-    """Inside this block every adapter layer returns its frozen base only (the untouched model for loaded adapters)."""
+    """Inside this block each adapter layer gives its frozen base only: for loaded adapters the untouched model, for
+    the SVD inits' the residual."""
     layers = [m for _, m in adapter_layers(model)]
     before = [m.disabled for m in layers]  # restored on exit, so that nested blocks keep the outer one's state
     for m in layers:
@@ -291,7 +289,7 @@ def adapter_state_dict(model):
 # 4. The paper's analyses (section 5 and appendix A.1) -----------------------------------------------------------------
 
 def subspace_similarity(U1, U2):
-    """φ = ‖U1ᵀU2‖²_F / r for column-orthonormal d×r bases (appendix A.1): 1 = the same subspace, 0 = orthogonal."""
+    """φ = ‖U1ᵀU2‖²_F / r for column-orthonormal d×r bases, r the smaller (appendix A.1): 1 = same span, 0 = none."""
     return ((U1.double().T @ U2.double()).square().sum() / min(U1.shape[1], U2.shape[1])).item()
 
 def amplification_factor(delta_w, w, r):
@@ -303,9 +301,8 @@ def delta_analysis(delta_w, w, r, generator=None):
     """The paper's section 5 on one update ΔW of a pretrained W (both out×in), in float64 on the CPU:
       w_proj, dw_proj, amplification   Table 7: ‖UᵀW V‖_F, ‖UᵀΔW V‖_F and their ratio, U and V ΔW's top r
       phi_principal, phi_minor, phi_random   Figure 2: φ of ΔW's top-r left singular vectors to W's r largest,
-        r smallest and r random ones (appendix A.1); phi_principal_right, ... the same for the right ones
-      sigma_principal, sigma_minor     W's r-th largest and r-th smallest σ: where PiSSA's and MiLoRA's r end
-    φ is NaN where ΔW has rank below r: its top r singular vectors are then partly arbitrary."""
+        r smallest and r random ones (appendix A.1; NaN if ΔW's rank is below r), and phi_..._right of the right ones
+      sigma_principal, sigma_minor     W's r-th largest and r-th smallest σ: where PiSSA's and MiLoRA's r end"""
     dW, W = delta_w.detach().double().cpu(), w.detach().double().cpu()
     k = min(W.shape)  # how many singular triplets W has
     if not 1 <= r <= k:
@@ -408,9 +405,11 @@ def _read_adapter(path):
         raise ValueError(f"{path}: cannot read the adapter ({type(e).__name__}: {e})") from e
     if not isinstance(cfg, dict):
         raise ValueError(f"{files[0]}: a PEFT config is a JSON object, not a {type(cfg).__name__}")
-    bad = [k for k in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save",
-                       "layers_to_transform") if cfg.get(k)] + ["bias"] * (cfg.get("bias", "none") != "none")
-    bad += ["init_weights"] * (cfg.get("peft_type") == "MISS" and cfg.get("init_weights", True) is not True)  # bat
+    bad = [k for k in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias",
+                       "layers_to_transform", "exclude_modules", "trainable_token_indices", "layer_replication",
+                       "target_parameters") if cfg.get(k)] + (["bias"] if cfg.get("bias", "none") != "none" else [])
+    if cfg.get("peft_type") == "MISS" and cfg.get("init_weights", True) is not True:
+        bad.append("init_weights")  # MiSS's "bat" and "mini" variants
     if cfg.get("peft_type") not in ("LORA", "MISS") or bad:
         raise ValueError(f"{files[0]}: only plain LoRA and MiSS adapters load here (peft_type="
                          f"{cfg.get('peft_type')!r}, unsupported options: {', '.join(bad) or 'none'})")
@@ -419,8 +418,8 @@ def _read_adapter(path):
     return cfg, state
 
 def _saved_targets(model, layers):
-    """target_modules for the config, naming exactly the adapted modules: the last parts of their names, as PEFT
-    saves them, when those pick no other module; else (a regex took a subset) every adapted module's full name."""
+    """target_modules for the config, naming exactly the adapted modules: the last parts of their names when those
+    pick no other module; else (the targets were a subset) every adapted module's full name. PEFT reads both."""
     names = sorted(n for n, _ in layers)
     short = sorted({n.rsplit(".", 1)[-1] for n in names})
     return short if sorted(n for n, _ in model.named_modules() if _matches(n, short)) == names else names
@@ -434,18 +433,18 @@ def _warn_zero_singular_values(targets, layers, method, r):
 # Appendix B: the same triplets, 2–3× faster than a full SVD -----------------------------------------------------------
 # The eigenvectors of the Gram matrix W Wᵀ (m×m, m = min(out, in)) are W's left singular vectors, and eigh costs less
 # than svd. But the Gram squares σ: in float32 it resolves only σ above about √eps·σmax = 3.5e-4·σmax, and real
-# q_proj and o_proj weights reach 1e-6·σmax, where its eigenvectors are a rotated mix. So the Gram only starts: a
+# SmolLM2-135M's q_proj and o_proj reach 1e-6·σmax, where its eigenvectors are a rotated mix. So the Gram only starts: a
 # Rayleigh–Ritz step on W makes triplets of them, which are checked; where that fails on the minor side, inverse
 # iteration with the R of a QR of W refines them without squaring anything; a full SVD is the last resort.
 
-MARGIN = 16  # Gram eigenvectors taken beyond each end of the chosen ones: Rayleigh–Ritz sorts out near-ties there
-MAX_ANGLE = 1e-3  # the check: a residual bound puts each chosen vector within this angle (rad) of the true span
+MARGIN = 16  # Gram eigenvectors taken beyond each end of the chosen ones, so near-ties at the ends stay in the block
+MAX_ANGLE = 1e-3  # the check's threshold: an estimated angle (rad) between a chosen vector and the block's true span
 MAX_ITERS = 8  # inverse-iteration steps before giving up for a full SVD
 
 def fast_triplets(W, idx):
     """svd_triplets' (U, S, Vh, σmax) for the triplets idx of W, by the route above."""
     Wm = W.T if W.shape[0] > W.shape[1] else W  # m×n, m ≤ n: the SVD of Wᵀ is W's with U and V swapped
-    top = W.abs().max()  # on W, not on its transpose Wm: faster on the contiguous layout
+    top = W.abs().max()
     if top == 0:  # any orthonormal vectors, with σ = 0
         return torch.eye(len(W), len(idx)).to(W), W.new_zeros(len(idx)), torch.eye(len(idx), W.shape[1]).to(W), top
     # A power of two scales exactly: it keeps the Gram from overflowing or underflowing, even at 1e±18.
@@ -476,54 +475,58 @@ def _block_triplets(Wm, idx):
 
 def _rayleigh_ritz(Wm, X):
     """The exact SVD of Wm (m×n) restricted to span(X), X m×k orthonormal: U (m×k), S (k, descending), Vh (k×n).
-    Its σ come from Wm itself, not from σ², which squares tiny σ away; in float64, since a float32 product would add
-    about √m·eps·σmax of rounding to every σ, more than a float32 SVD's own error."""
+    Its σ come from Wm itself, not from σ², which squares tiny σ away; in float64, so that the products add no
+    rounding of their own (in float32, a few eps·σmax)."""
     X = torch.linalg.qr(X.double()).Q  # eigh's vectors are orthonormal only to ~√m·eps, which would scale σ as much
-    Qn, R = torch.linalg.qr((X.T @ Wm.double()).T)  # (n×k)(k×k): XᵀWm = Rᵀ Qnᵀ, so its SVD is R's, k×k
+    Qn, R = torch.linalg.qr((X.T @ Wm.double()).T)  # (n×k)(k×k): XᵀWm = Rᵀ Qnᵀ, so its SVD is Rᵀ's, k×k
     Ur, S, Vrh = torch.linalg.svd(R.T)
     return X @ Ur, S, Vrh @ Qn.T
 
 def _accurate(Wm, U, S, Vh, outside):
-    """The check of Ritz triplets (float64), for which Wmᵀu = σv holds exactly: ‖Wm v − σu‖ over the gap to the σ
-    outside the block (the Gram's) bounds the angle from v to the span of W's true singular vectors for the block, the
-    chosen ± MARGIN (Wedin). Mixing inside the block is not bounded: real weights have neighbours within 2.4e-5·σmax
-    of a chosen σ, which float32 can't resolve, and counting them in the gap sent 38 of PiSSA's 210 splits of SmolLM2
-    (r = 64) to the full float32 SVD, whose σ are less accurate (1.0e-6·σmax off, not 1.4e-7)."""
+    """The check: each triplet's residual ‖Wm v − σu‖ over its σ's gap to the block's outside neighbours is below
+    MAX_ANGLE. Were Wmᵀu = σv exact (true of Rayleigh–Ritz, not of inverse iteration: its error is the float32 QR's)
+    and the gap too (it uses the Gram's σ), Wedin's theorem would bound u's angle to the block's true singular span.
+    Mixing inside the block is not checked: counting the MARGIN neighbours in the gap would, but real weights have
+    some closer than float32 resolves, and on SmolLM2 that sent 38 of 252 PiSSA splits to the full float32 SVD, whose
+    σ were less accurate. So it is an estimate; test_milora.py measures the accuracy itself, against float64."""
     residual = (Wm.double() @ Vh.T - U * S).norm(dim=0)  # r
     gap = (S[:, None] - outside.double()[None, :]).abs().min(1).values if len(outside) else torch.inf
     return bool((residual / gap).max() <= MAX_ANGLE)
 
 def _inverse_iteration(Wm, X, r, outside, smax):
-    """Refine the r smallest triplets by inverse subspace iteration with R from Wmᵀ = Q_w R, so that W Wᵀ = RᵀR. Solves
-    with R and Rᵀ never form W Wᵀ, so nothing squares the condition number: R is as accurate as a float32 SVD (backward
-    stable), and in float64 one step amplifies the smallest direction 1/σ² times without drowning the others. V comes
-    as Q_w·z from the SVD of Rᵀ, never as Wᵀu/σ (noise when σ is tiny)."""
+    """Refine the r smallest triplets by inverse subspace iteration with R from Wmᵀ = Q_w R, so that Wm Wmᵀ = RᵀR. The
+    solves with R and Rᵀ never form Wm Wmᵀ: R is as accurate as a float32 SVD (backward stable), and in float64 one
+    step amplifies the smallest direction 1/σ² times without drowning the others. V comes as Q_w·(R u/σ), Wmᵀu/σ
+    formed through R in float64, so it is only as exact as the float32 QR."""
     m, n = Wm.shape
     a, tau = torch.geqrf(Wm.T)  # n×m: R in its upper triangle, Q_w as Householder reflectors below
     a, tau = a.double(), tau.double()
     R = a[:m].triu()  # m×m
-    pivots = R.diagonal()  # a zero σ gives a zero pivot: lift it to float32's noise level, as a float32 SVD would see
+    pivots = R.diagonal()  # rank deficiency gives (near-)zero pivots: lift them to float32's noise level
     pivots.copy_(torch.where(pivots.abs() < EPS * smax, EPS * smax * torch.where(pivots < 0, -1.0, 1.0), pivots))
     X = X.double()
     for _ in range(MAX_ITERS):
         X = torch.linalg.qr(torch.linalg.solve_triangular(R.T, X, upper=False)).Q  # (Rᵀ)⁻¹X, then R⁻¹ of that:
         X = torch.linalg.qr(torch.linalg.solve_triangular(R, X, upper=True)).Q  # one step with (W Wᵀ)⁻¹
-        # R = Z Σ Uᵀ, so R X = Z Σ (UᵀX): its SVD gives the Ritz triplets, here through the k×k eigh of (RX)ᵀRX,
-        # which in float64 resolves σ down to ~1e-8 of the block's largest.
+        # R = Z Σ Uᵀ, so R X = Z Σ (UᵀX): its SVD gives the Ritz triplets, here through the k×k eigh of (RX)ᵀRX, a
+        # Gram that in float64 still resolves σ down to √eps64 ≈ 1.5e-8 of the block's largest.
         RX = R @ X
         lam, C = torch.linalg.eigh(RX.T @ RX)  # ascending
         C, S = C[:, :r].flip(1), lam[:r].flip(0).clamp_min(0).sqrt()  # the r smallest, descending as idx
-        U, Z = X @ C, RX @ C / S  # S > 0: the pivots were lifted, so R is invertible
-        Vh = torch.ormqr(a, tau, F.pad(Z, (0, 0, 0, n - m))).T  # V = Q_w [Z; 0], r×n
+        U, Z = X @ C, RX @ C / S  # S > 0 as R is invertible (lifted pivots); if it rounds to 0, NaN fails the check
+        Vh = torch.ormqr(a, tau, F.pad(Z, (0, 0, 0, n - m))).T  # V = Q_w [Z; 0] (n×r), so Vh is r×n
         if _accurate(Wm, U, S, Vh, outside):
             return U, S, Vh
     return None
 
 # Appendix C: machinery. The fused forward, Ctrl-C, several processes, atomic files ------------------------------------
 
+def _wide(W):
+    return torch.promote_types(W.dtype, torch.float32)  # float32, or float64 for a float64 weight
+
 def _add_matmul_(y, h, M, alpha=1.0):
-    """y += alpha·h@M, in place and fused into the GEMM when the dtypes allow, else computed in h's dtype. (Measured
-    with bench.py step: a training step 0.96× PEFT LoRA's, against 1.00× for the plain y + alpha·h@M.)"""
+    """y += alpha·h@M, in place and fused into the GEMM when the dtypes allow, else computed in h's dtype. Measured by
+    ../shared/bench/bench.py step on a 2-core CPU (median of 6): a training step 0.96× PEFT LoRA's; 1.00× as y + h@M."""
     if y.dtype == h.dtype:  # under autocast h is bf16 while M (an adapter) stays float32: addmm_ must get one dtype
         return y.addmm_(h, M.to(h.dtype), alpha=alpha)
     return y.add_((alpha * (h @ M)).to(y.dtype))
@@ -569,20 +572,16 @@ def write_atomically(path, write):
 
 def write_json(obj, path):
     """obj as JSON to path, atomically."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    write_atomically(path, write)
+    write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 # Demo: python milora.py -----------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    import copy, time
-    from collections import OrderedDict
+    import collections, copy, time
     torch.manual_seed(0)
     d, ff, r = 512, 1536, 64  # a toy model: four blocks of the five linear maps the paper adapts
-    block = lambda: nn.Sequential(OrderedDict(q_proj=nn.Linear(d, d), k_proj=nn.Linear(d, d), v_proj=nn.Linear(d, d),
-                                              up_proj=nn.Linear(d, ff), down_proj=nn.Linear(ff, d)))
+    block = lambda: nn.Sequential(collections.OrderedDict(q_proj=nn.Linear(d, d), k_proj=nn.Linear(d, d),
+                                  v_proj=nn.Linear(d, d), up_proj=nn.Linear(d, ff), down_proj=nn.Linear(ff, d)))
     base, x = nn.Sequential(*[block() for _ in range(4)]), torch.randn(8, d)
     y0, t = base(x).detach(), time.perf_counter()
     for m in base.modules():

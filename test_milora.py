@@ -1605,7 +1605,7 @@ def test_last_checkpoint_orders_by_step_and_skips_incomplete_ones(tmp_path):
 def test_checkpoint_save_never_leaves_a_half_written_file(tmp_path, monkeypatch):
     model = milora.apply_adapters(tiny_llama(), "milora", r=R)
     fake = type("T", (), {"args": type("A", (), {"should_save": True}), "model": model})()
-    train_math.AdapterTrainer._save(fake, str(tmp_path))
+    train_math.AdapterTrainer.save_model(fake, str(tmp_path))
     path = tmp_path / train_math.ADAPTER_STATE
     good = path.read_bytes()
     assert os.listdir(tmp_path) == [train_math.ADAPTER_STATE]
@@ -1616,7 +1616,7 @@ def test_checkpoint_save_never_leaves_a_half_written_file(tmp_path, monkeypatch)
         raise KeyboardInterrupt
     monkeypatch.setattr(train_math, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
-        train_math.AdapterTrainer._save(fake, str(tmp_path))
+        train_math.AdapterTrainer.save_model(fake, str(tmp_path))
     assert path.read_bytes() == good
     assert not (tmp_path / "trainer_state.json").exists()  # so the half-saved checkpoint reads as incomplete
 
