@@ -22,12 +22,14 @@ stdlib modules (ships with Python, deterministic); --forgetting_text takes a tex
 --analysis R runs the paper's section 5 on the adapter's update ΔW of every adapted W (milora.delta_analysis, R the
 training rank): the amplification factor of Table 7 for the middle layer's q_proj, and the subspace similarity φ
 of ΔW's top-R left singular vectors to W's R largest, R smallest and R random ones (Figure 2), averaged over
-matrices. The weights stay float32 for it, on a GPU too.
+matrices. For a GGUF checkpoint it also reads each weight's rounding step from the file and sets W's R-th smallest and
+R-th largest σ against the rounding noise's typical σ (the "noise floor"). The weights stay float32 for it.
 
---report DIR summarises a study (README, "Does MiLoRA forget less?"): every DIR/*/*.summary.json, grouped by the
-method and seed in the args.json that train_math.py left beside each adapter. It writes DIR/study.json (every
-figure), DIR/study.csv (a row per run) and DIR/study.md (mean ± std per method), and plots accuracy against
-forgetting to --plot when matplotlib is installed.
+--report DIR summarises a study (README, "Does MiLoRA forget less?"): every DIR/*/*.summary.json, grouped into arms
+by the method, learning rate and target modules in the args.json that train_math.py left beside each adapter. It
+writes DIR/study.json (every figure, mean ± std per arm, each swept method's forgetting at matched accuracy, the noise
+floor), DIR/study.csv (a row per run) and DIR/study.md, and plots accuracy against forgetting, a curve per method
+through its learning rates, to --plot when matplotlib is installed.
 """
 import argparse, csv, glob, importlib, inspect, json, math, os, re, statistics, sys, time
 

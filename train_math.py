@@ -8,7 +8,7 @@ One GPU, many GPUs (torchrun), or offline on a CPU with a built-in toy model and
     python train_math.py --model tiny --output_dir out-tiny     # fastest smoke test; random model, accuracy ~0
     python train_math.py --model HuggingFaceTB/SmolLM2-360M --data meta-math/MetaMathQA --max_steps -1 \
         --epochs 3 --batch_size 16 --warmup_steps 100          # the paper's setup (needs the hub)
-    torchrun --nproc_per_node 8 train_math.py --model meta-llama/Llama-2-7b-hf ... --per_device_batch_size 2
+    torchrun --nproc_per_node 8 train_math.py --model meta-llama/Llama-2-7b-hf ... --deepspeed zero2  # the paper's
     python train_math.py ... --resume         # continue a killed run from its last checkpoint
 
 The defaults are a short demo that runs offline on a CPU in minutes. Of the paper's setup (Table 10) they keep r 64,
