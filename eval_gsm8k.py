@@ -320,6 +320,7 @@ def plot(rows, table, path):
                 ax.annotate(f"{lr:g}", (xi, yi), textcoords="offset points", xytext=(4, -9), fontsize=7)
     base = next((t["accuracy"][0] for t in table.values() if t["method"] == "base"), None)
     ax.set_xscale("log")
+    ax.margins(0.08)  # the axes fit the runs, with room for the labels
     ax.set_xlabel("forgetting: KL(p_base || p_ft) on held-out general text (log scale), lower is better")
     ax.set_ylabel("held-out toy-problem accuracy" + (f" (base model: {base:.3f})" if base is not None else ""))
     ax.legend(fontsize=8)
