@@ -545,7 +545,7 @@ def main(argv=None):
     if len(ds) == 0:
         sys.exit(f"{args.data}: no row left to train on: every prompt fills --max_len {args.max_len} tokens")
     before = None
-    if args.eval_limit > 0 and training_args.process_index == 0:  # the other ranks wait for it at the broadcast
+    if args.eval_limit > 0 and training_args.process_index == 0:  # the others wait for it at their first collective
         before = held_out_accuracy(model, tok, args)
         print(f"held-out accuracy before training: {before[0]}/{before[1]}")
     # The init runs here, in every process, before Trainer wraps the model. With N processes each decomposes every
