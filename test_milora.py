@@ -1323,6 +1323,21 @@ def test_two_processes_train_the_one_process_model(engine, one_process, tiny_dir
     assert ckpt.keys() == ref.keys() and all(ckpt[k].shape == ref[k].shape for k in ref)  # checkpoints: whole too
 
 
+def test_deepspeed_takes_a_stage_or_a_file_whose_batch_comes_from_the_flags(tmp_path):
+    auto = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}
+    assert train_math.deepspeed_config("zero2") == {"zero_optimization": {"stage": 2}, **auto}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ZERO3 | {"bf16": {"enabled": "auto"}, "train_batch_size": "auto"}))
+    assert train_math.deepspeed_config(str(path)) == {**ZERO3, **auto}
+    for cfg, message in (({"train_batch_size": 8}, "sets train_batch_size: this script sets them from --batch_size"),
+                         ({"bf16": {"enabled": True}}, "sets bf16: "),
+                         ([1], "a DeepSpeed config is a JSON object")):
+        path.write_text(json.dumps(cfg))
+        with pytest.raises(SystemExit, match=message):
+            train_math.deepspeed_config(str(path))
+
+
 def test_zero3_run_resumes_to_the_same_adapter(tiny_dir, tmp_path):
     (tmp_path / "z3.json").write_text(json.dumps(ZERO3))
     flags = [*DIST_TRAIN, "--deepspeed", str(tmp_path / "z3.json")]

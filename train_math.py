@@ -449,10 +449,12 @@ def deepspeed_config(arg):
             sys.exit(f"--deepspeed {arg}: not zero2, zero3 or a readable JSON file ({one_line(e)})")
         if not isinstance(cfg, dict) or not isinstance(cfg.get("zero_optimization", {}), dict):
             sys.exit(f"--deepspeed {arg}: a DeepSpeed config is a JSON object with a zero_optimization object")
-    if set_ := [k for k in SCRIPT_FIELDS if cfg.get(k, "auto") != "auto"]:
-        sys.exit(f"--deepspeed {arg} sets {', '.join(set_)}: this script sets them from --batch_size and "
-                 f'--per_device_batch_size; leave them out or "auto"')
-    return {**cfg, **SCRIPT_FIELDS, "zero_optimization": cfg.get("zero_optimization", {})}
+    bf16 = cfg.get("bf16", {}).get("enabled", "auto") if isinstance(cfg.get("bf16", {}), dict) else None
+    if set_ := [k for k in SCRIPT_FIELDS if cfg.get(k, "auto") != "auto"] + (["bf16"] if bf16 != "auto" else []):
+        sys.exit(f"--deepspeed {arg} sets {', '.join(set_)}: this script sets them from --batch_size, "
+                 f'--per_device_batch_size and --bf16; leave them out or "auto"')
+    return {**cfg, **SCRIPT_FIELDS, "bf16": {**cfg.get("bf16", {}), "enabled": "auto"},
+            "zero_optimization": cfg.get("zero_optimization", {})}
 
 
 def batch_layout(batch_size, per_device, world):
@@ -493,7 +495,7 @@ def held_out_accuracy(model, tok, args):
     golds = gold_answers(ds, data)  # before generating: a row without '#### N' is an error
     was_training, model.config.use_cache = model.training, True  # generation wants its KV cache, training doesn't
     completions = generate(model.eval(), tok, [EVAL_PROMPT.format(query=q) for q in ds["question"]],
-                                      args.eval_batch_size, args.eval_max_new_tokens)
+                           args.eval_batch_size, args.eval_max_new_tokens)
     model.train(was_training).config.use_cache = False
     predictions = map(extract_answer, completions)
     return sum(p is not None and p == g for p, g in zip(predictions, golds)), len(ds)
