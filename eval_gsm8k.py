@@ -230,19 +230,20 @@ def arms(rows):
 
 
 def curve_kl(points, level):
-    """Forgetting KL where a curve of (accuracy, KL) points, in learning-rate order, first reaches `level` accuracy,
-    interpolated linearly between the two points around it; None where it never does."""
+    """Forgetting KL where a curve of (accuracy, KL) points, in learning-rate order, first climbs to `level` accuracy,
+    interpolated linearly between the two points around it. None where it never climbs to it: an accuracy that its
+    lowest rate already passes was not measured, and a fall past an over-trained peak is not the cheapest way there."""
     for (a0, k0), (a1, k1) in zip(points, points[1:]):
-        if min(a0, a1) <= level <= max(a0, a1):
-            return k0 if a0 == a1 else k0 + (k1 - k0) * (level - a0) / (a1 - a0)
+        if a0 < level <= a1:
+            return k0 + (k1 - k0) * (level - a0) / (a1 - a0)
     return None
 
 
 def matched(rows):
     """Each swept method's forgetting at matched accuracy (Biderman et al. 2024): for every method trained at two
-    or more learning rates on the study's usual targets, KL along its accuracy-forgetting curve at a few accuracy
-    levels that every such method's mean curve reaches, as mean ± std over the seeds that ran at every lr.
-    -> {"levels": [...], "targets": ..., method: {level: (mean, std, seeds) or None}}"""
+    or more learning rates on the study's usual targets, KL along its accuracy-forgetting curve (curve_kl) at the
+    accuracy levels, on a 0.05 grid, that at least two such methods' mean curves climb to; as mean ± std over the
+    seeds that ran at every lr. -> {"levels": [...], "targets": ..., method: {level: (mean, std, seeds) or None}}"""
     order, targets = milora.METHODS, usual_targets(rows)
     runs = [r for r in rows if r["method"] in order and r["forgetting_kl"] is not None]
     by = {}  # method -> lr -> seed -> (accuracy, KL), methods in milora.METHODS' order
@@ -252,9 +253,8 @@ def matched(rows):
     by = {m: lrs for m, lrs in by.items() if len(lrs) > 1}
     means = {m: [tuple(sum(p[i] for p in s.values()) / len(s) for i in (0, 1)) for _, s in sorted(lrs.items())]
              for m, lrs in by.items()}
-    lo = max((min(a for a, _ in c) for c in means.values()), default=1)
-    hi = min((max(a for a, _ in c) for c in means.values()), default=0)
-    levels = [round(0.05 * i, 2) for i in range(21) if lo <= 0.05 * i <= hi]  # the 0.05 grid within every curve
+    levels = [round(0.05 * i, 2) for i in range(21)
+              if sum(curve_kl(c, round(0.05 * i, 2)) is not None for c in means.values()) >= 2]
     out = {"levels": levels, "targets": targets}
     for m, lrs in by.items():
         seeds = set.intersection(*(set(s) for s in lrs.values()))
@@ -282,7 +282,7 @@ def markdown(table, match=None, noise=None):
         lines += ["", "| forgetting KL at held-out accuracy | " + " | ".join(methods) + " |",
                   "|---" * (len(methods) + 1) + "|"]
         lines += [f"| {level:.2f} | " + " | ".join(cell(match[m][level], ".4f") + (
-            f" ({match[m][level][2]} seeds)" if match[m][level] else "") for m in methods) + " |"
+            f" ({match[m][level][2]} seeds)" if match[m][level] else "–") for m in methods) + " |"
                   for level in match["levels"]]
     if noise:
         lines += ["", "| module | r-th smallest σ / noise σ (MiLoRA's edge) | r-th largest σ / noise σ (PiSSA's) |",

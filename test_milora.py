@@ -902,17 +902,20 @@ def test_study_tables_by_hand():
     assert list(table) == ["base", "lora, lr 0.0003", "lora, lr 0.001", "pissa, lr 0.0003", "milora, lr 0.0003",
                            "milora, lr 0.0003, v_proj", "milora, lr 0.001"]  # targets named where unusual
     # Matched accuracy: the curves (0.4, 0.05) -> (0.8, 0.25) for LoRA, and per seed (0.5, 0.1) -> (0.9, 0.5) and
-    # (0.7, 0.3) -> (0.8, 0.4) for MiLoRA, whose mean curve (0.6, 0.2) -> (0.85, 0.45) sets the common range
-    # [0.6, 0.8]. At 0.6: LoRA 0.05 + 0.2 * 0.5 = 0.15; MiLoRA seed 1 0.1 + 0.4 * 0.25 = 0.2, seed 2 never reaches it.
+    # (0.7, 0.3) -> (0.8, 0.4) for MiLoRA, whose mean curve (0.6, 0.2) -> (0.85, 0.45) climbs through (0.6, 0.85]:
+    # both methods there. At 0.65: LoRA 0.05 + 0.2 * 0.25/0.4 = 0.175; MiLoRA seed 1 0.1 + 0.4 * 0.15/0.4 = 0.25,
+    # while seed 2 starts above 0.65 (not measured).
     match = eval_gsm8k.matched(rows)
-    assert match["levels"] == [0.6, 0.65, 0.7, 0.75, 0.8] and match["targets"] == "q_proj,v_proj"
+    assert match["levels"] == [0.65, 0.7, 0.75, 0.8] and match["targets"] == "q_proj,v_proj"
     assert set(match) == {"levels", "targets", "lora", "milora"}  # PiSSA ran at one lr: no curve
-    assert match["lora"][0.6] == pytest.approx((0.15, None, 1))
-    assert match["milora"][0.6] == pytest.approx((0.2, None, 1))
+    assert match["lora"][0.65] == pytest.approx((0.175, None, 1))
+    assert match["milora"][0.65] == pytest.approx((0.25, None, 1))
     assert match["milora"][0.8][:2] == pytest.approx(((0.4 + 0.4) / 2, 0.0), abs=1e-12)  # both seeds: 0.4
-    assert eval_gsm8k.curve_kl([(0.2, 1.0), (0.6, 3.0), (0.4, 5.0)], 0.5) == pytest.approx(2.5)  # the first crossing
+    assert eval_gsm8k.curve_kl([(0.2, 1.0), (0.6, 3.0), (0.4, 5.0)], 0.5) == pytest.approx(2.5)  # climbing, not falling
+    assert eval_gsm8k.curve_kl([(0.2, 1.0), (0.6, 3.0), (0.4, 5.0), (0.7, 6.0)], 0.65) == pytest.approx(5 + 0.25 / 0.3)
     assert eval_gsm8k.curve_kl([(0.2, 1.0), (0.6, 3.0)], 0.7) is None
-    assert "| 0.60 | 0.1500 (1 seeds) | 0.2000 (1 seeds) |" in eval_gsm8k.markdown(table, match)
+    assert eval_gsm8k.curve_kl([(0.6, 1.0), (0.8, 3.0)], 0.5) is None  # passed at the lowest rate: not measured
+    assert "| 0.65 | 0.1750 (1 seeds) | 0.2500 (1 seeds) |" in eval_gsm8k.markdown(table, match)
 
 
 def test_quantisation_steps_read_from_a_gguf_file(tmp_path):
