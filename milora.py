@@ -58,7 +58,7 @@ def svd_factors(weight, r, part="minor", scale=1.0, generator=None, fast=True):
     m = min(W.shape)
     if not 1 <= r < m:
         raise ValueError(f"r must satisfy 1 <= r < min(out, in) = {m} for a weight of shape {tuple(W.shape)}, got {r}")
-    if not torch.isfinite(W).all():
+    if not W.abs().max().isfinite():  # max propagates NaN: one pass, and no mask the size of W
         raise ValueError("weight contains NaN or Inf: it has no SVD to split")
     idx = triplet_indices(m, r, part, generator)
     U, S, Vh, smax = (fast_triplets if fast else svd_triplets)(W, idx)
@@ -355,10 +355,10 @@ def _find_targets(model, method, r, target_modules, init_state, gather):
     if not targets:
         raise ValueError(f"target_modules {target_modules!r} match no nn.Linear in the model; its linear layers are "
                          f"named: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in linears})) or '(none)'}")
+    params = list(model.named_parameters(remove_duplicate=False))  # a tied weight is here under each of its names
     for name, mod in targets:
         W, shape = mod.weight, (mod.out_features, mod.in_features)
-        # tied: the same parameter under another name, as lm_head's and embed_tokens' often are
-        if tied := [n for n, p in model.named_parameters(remove_duplicate=False) if p is W and n != f"{name}.weight"]:
+        if tied := [n for n, p in params if p is W and n != f"{name}.weight"]:  # as lm_head's and embed_tokens' often
             raise ValueError(f"{name}.weight is tied to {', '.join(tied)}: an adapter would change that too (SVD "
                              f"inits and merging rewrite it). Leave {name} out of target_modules, or untie them")
         if W.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -368,7 +368,7 @@ def _find_targets(model, method, r, target_modules, init_state, gather):
             raise ValueError(f"r={r} is too large for {name} (weight {shape[0]}×{shape[1]}): "
                              f"r must be < min(out, in) = {min(shape)}")
         with gather(W):
-            if not torch.isfinite(W).all():
+            if not W.abs().max().isfinite():  # as in svd_factors
                 raise ValueError(f"{name}: weight contains NaN or Inf")
     if init_state is not None:
         _check_state(targets, method, r, init_state)

@@ -233,15 +233,16 @@ def test_split_of_hard_spectra_is_at_least_as_accurate_as_float32_svd(kind, scal
             assert ours[1] <= max(2 * theirs[1], 2e-7), f"{where}: σ error {ours[1]:.1e}, float32 SVD {theirs[1]:.1e}"
 
 
-def test_split_refuses_nan_and_returns_exact_zeros_where_sigma_is_zero():
+def test_split_refuses_nan_or_inf_and_returns_exact_zeros_where_sigma_is_zero():
     W = torch.randn(48, 80)
     W[:5] = 0  # rank 43: five exactly zero singular values
     B, A, res = milora.svd_split(W, R, "minor")
     assert (B.abs().amax(0) == 0).sum() == 5 and (A.abs().amax(1) == 0).sum() == 5
     assert res[:5].abs().max() <= 1e-6 * W.abs().max()  # the zero rows stay zero, up to the other u's rounding
-    W[7, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        milora.svd_split(W, R, "minor")
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        W[7, 3] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            milora.svd_split(W, R, "minor")
 
 
 # ----------------------------------------------------------------------------- layers and patching
@@ -484,10 +485,11 @@ def test_non_float_or_nonfinite_weights_are_refused():
     model = tiny_llama()
     layer = model.model.layers[1].mlp.down_proj
     reference = {k: v.clone() for k, v in model.state_dict().items()}
-    layer.weight.data[3, 5] = float("nan")
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj: weight contains NaN or Inf"):
-        milora.apply_adapters(model, "milora", r=R)
-    assert not milora.adapter_layers(model)
+    for bad in (float("nan"), float("-inf")):
+        layer.weight.data[3, 5] = bad
+        with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj: weight contains NaN or Inf"):
+            milora.apply_adapters(model, "milora", r=R)
+        assert not milora.adapter_layers(model)
     layer.weight = nn.Parameter(torch.ones_like(layer.weight, dtype=torch.int8), requires_grad=False)  # quantized
     with pytest.raises(TypeError, match=r"model\.layers\.1\.mlp\.down_proj: weight dtype torch\.int8"):
         milora.apply_adapters(model, "pissa", r=R)
