@@ -281,8 +281,9 @@ def markdown(table, match=None, noise=None):
         methods = [m for m in match if m not in ("levels", "targets")]
         lines += ["", "| forgetting KL at held-out accuracy | " + " | ".join(methods) + " |",
                   "|---" * (len(methods) + 1) + "|"]
+        seeds = lambda n: f" ({n} seed)" if n == 1 else f" ({n} seeds)"
         lines += [f"| {level:.2f} | " + " | ".join(cell(match[m][level], ".4f") + (
-            f" ({match[m][level][2]} seeds)" if match[m][level] else "–") for m in methods) + " |"
+            seeds(match[m][level][2]) if match[m][level] else "–") for m in methods) + " |"
                   for level in match["levels"]]
     if noise:
         lines += ["", "| module | r-th smallest σ / noise σ (MiLoRA's edge) | r-th largest σ / noise σ (PiSSA's) |",

@@ -917,7 +917,9 @@ def test_study_tables_by_hand():
     assert eval_gsm8k.curve_kl([(0.2, 1.0), (0.6, 3.0), (0.4, 5.0), (0.7, 6.0)], 0.65) == pytest.approx(5 + 0.25 / 0.3)
     assert eval_gsm8k.curve_kl([(0.2, 1.0), (0.6, 3.0)], 0.7) is None
     assert eval_gsm8k.curve_kl([(0.6, 1.0), (0.8, 3.0)], 0.5) is None  # passed at the lowest rate: not measured
-    assert "| 0.65 | 0.1750 (1 seeds) | 0.2500 (1 seeds) |" in eval_gsm8k.markdown(table, match)
+    lines = eval_gsm8k.markdown(table, match)
+    assert "| 0.65 | 0.1750 (1 seed) | 0.2500 (1 seed) |" in lines
+    assert "| 0.80 | 0.2500 (1 seed) | 0.4000 ± 0.0000 (2 seeds) |" in lines
 
 
 def test_quantisation_steps_read_from_a_gguf_file(tmp_path):
