@@ -10,7 +10,7 @@ input's r-sized shards.
 Read top to bottom: 1. the method (which triplets, B and A, the residual), 2. the adapter layers, 3. the model
 (apply_adapters, save_adapter's rank-2r export for the untouched base, load, merge), 4. the paper's analyses. The
 appendices hold what a reader may skip: A. the checks that make a bad call fail before anything changes, B. the same
-triplets 2–3× faster than a full SVD (the default route), C. machinery. `python milora.py` runs a one-minute demo.
+triplets 2× faster than a full SVD (the default route), C. machinery. `python milora.py` runs a 5-second demo.
 Needs torch, safetensors and tqdm; nothing else.
 """
 import contextlib, json, math, numbers, os, pathlib, re, signal, threading, warnings
@@ -52,7 +52,7 @@ def svd_factors(weight, r, part="minor", scale=1.0, generator=None, fast=True):
     part: "minor" takes the r smallest (MiLoRA), "principal" the r largest (PiSSA), "middle" or "random" (ablations).
     The adapter adds scale·B A (scale = α/r), so Σ is divided by scale, as PEFT does: scale·B A is then exactly the
     chosen part of W (but σ zeroed below), for any α. fast=True takes appendix B's route, within 2× of float32
-    torch.linalg.svd's error (tested) and 2–3× faster on a CPU (bench.py real); fast=False takes that SVD."""
+    torch.linalg.svd's error (tested) and 2.0–2.2× faster on a CPU (bench.py real); fast=False takes that SVD."""
     device = "cuda" if torch.cuda.is_available() and not weight.is_cuda else weight.device  # a GPU, if there is one
     W = weight.detach().to(device, torch.float32)  # float32 whatever the weight's dtype; one layer at a time
     m = min(W.shape)
@@ -430,7 +430,7 @@ def _warn_zero_singular_values(targets, layers, method, r):
             warnings.warn(f"{name}: {zeros} of the {r} singular values {method} chose are 0, so those columns of B "
                           f"and rows of A are 0 and get no gradient: they can't train", stacklevel=3)
 
-# Appendix B: the same triplets, 2–3× faster than a full SVD -----------------------------------------------------------
+# Appendix B: the same triplets, 2× faster than a full SVD -------------------------------------------------------------
 # The eigenvectors of the Gram matrix W Wᵀ (m×m, m = min(out, in)) are W's left singular vectors, and eigh costs less
 # than svd. But the Gram squares σ: in float32 it resolves only σ above about √eps·σmax = 3.5e-4·σmax, and real
 # SmolLM2-135M's q_proj and o_proj reach 1e-6·σmax, where its eigenvectors are a rotated mix. So the Gram only starts: a
