@@ -546,7 +546,7 @@ def _holding_interrupts():
 
 def process_share(n):
     """Which of n layers this process decomposes: all, or under torch.distributed with N processes every N-th from
-    its rank on. Each layer is decomposed once, and the time falls as 1/N."""
+    its rank on. Each layer is decomposed once: with a device per process, the time falls as 1/N."""
     if dist.is_available() and dist.is_initialized():
         return range(dist.get_rank(), n, dist.get_world_size())
     return range(n)

@@ -290,14 +290,15 @@ class AdapterTrainer(Trainer):
     def save_model(self, output_dir=None, _internal_call=False):
         output_dir = output_dir or self.args.output_dir
         with gathered(self.model):  # every process takes part: under ZeRO-3 each holds only a slice of each tensor
+            if not self.args.should_save:  # the others copy nothing
+                return
             state = {k: v.detach().cpu().contiguous().clone() for k, v in milora.adapter_state_dict(self.model).items()}
-        if self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
-            # Trainer writes trainer_state.json last: a stale one from an earlier save into this folder must not make
-            # a half-written checkpoint look complete.
-            if os.path.exists(os.path.join(output_dir, TRAINER_STATE)):
-                os.remove(os.path.join(output_dir, TRAINER_STATE))
-            milora.write_atomically(os.path.join(output_dir, ADAPTER_STATE), lambda f: save_file(state, f))
+        os.makedirs(output_dir, exist_ok=True)
+        # Trainer writes trainer_state.json last: a stale one from an earlier save into this folder must not make a
+        # half-written checkpoint look complete.
+        if os.path.exists(os.path.join(output_dir, TRAINER_STATE)):
+            os.remove(os.path.join(output_dir, TRAINER_STATE))
+        milora.write_atomically(os.path.join(output_dir, ADAPTER_STATE), lambda f: save_file(state, f))
 
     def _load_from_checkpoint(self, checkpoint, model=None):
         # Nothing to load: main() built the model from this checkpoint's adapter state, before Trainer existed.
