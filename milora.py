@@ -1,18 +1,17 @@
-"""
-milora.py: MiLoRA, PiSSA, LoRA and MiSS adapters for any PyTorch model, in one file.
+"""milora.py: MiLoRA, PiSSA, LoRA, MiSS and MiCA adapters for any PyTorch model, in one file.
 
 MiLoRA (Wang et al., NAACL 2025) splits each target weight by SVD, W = U Σ Vᵀ, freezes the principal part and trains
 only the r *smallest* singular triplets, B = U_m √Σ_m and A = √Σ_m V_mᵀ. At step 0 the model is unchanged; learning
 starts in the subspace the pretrained weight uses least, so it forgets less. PiSSA is the same with the r *largest*
 triplets, LoRA starts from a random A and B = 0, and MiSS trains one zero-initialised r×out matrix shared by the
-input's r-sized shards.
+input's r-sized shards. MiCA (Rüdiger & Raschka, 2026; PEFT's "mica") freezes B = U_m, W's r minor left singular
+vectors, and trains only A, from 0; it leaves W untouched.
 
 Read top to bottom: 1. the method (which triplets, B and A, the residual), 2. the adapter layers, 3. the model
 (apply_adapters, save_adapter's rank-2r export for the untouched base, load, merge), 4. the paper's analyses. The
 appendices hold what a reader may skip: A. the checks that make a bad call fail before anything changes, B. the same
 triplets faster than a full SVD (the default route), C. machinery. `python milora.py` runs a 5-second demo.
-Needs torch, safetensors and tqdm; nothing else.
-"""
+Needs torch, safetensors and tqdm; nothing else."""
 import contextlib, json, math, numbers, os, pathlib, re, signal, threading, warnings
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-METHODS = ("lora", "pissa", "milora", "miss", "middle", "random")  # the last two: the paper's ablations
+METHODS = ("lora", "pissa", "milora", "miss", "mica", "middle", "random")  # the last two: the paper's ablations
 PARTS = {"pissa": "principal", "milora": "minor", "middle": "middle", "random": "random"}  # SVD init -> its triplets
 PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # MiLoRA paper, Table 10
 EPS = torch.finfo(torch.float32).eps
@@ -65,7 +64,7 @@ def svd_factors(weight, r, part="minor", scale=1.0, generator=None, fast=True):
     S = torch.where(S > 2 * EPS * smax, S, 0)  # float32 can't tell σ below this from 0: their vectors are noise
     # Each pair's sign is arbitrary: fix it (u's largest entry > 0, as svd_flip) so runs agree, and routes to rounding.
     sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()  # 1×r
-    sqrt_s = (S / scale).sqrt()  # r
+    sqrt_s = (S / scale).sqrt() if scale else torch.ones_like(S)  # r; scale=None: B = U, A = Vᵀ (MiCA's frozen B)
     return (U * sign * sqrt_s).contiguous(), (sqrt_s[:, None] * Vh * sign.T).contiguous()  # B out×r, A r×in
 
 def svd_split(weight, r, part="minor", scale=1.0, generator=None, fast=True):
@@ -93,25 +92,28 @@ class AdapterLayer(nn.Module):
         return y.view(*lead, -1)
 
 class LoraLinear(AdapterLayer):
-    """y = W x + (α/r)·B A dropout(x). W is frozen: the pretrained weight for LoRA; for the SVD inits it is the
-    residual W₀ − (α/r)·B₀A₀, and B and A start at B₀ and A₀, so that y is unchanged at step 0."""
+    """y = W x + (α/r)·B A dropout(x). W is frozen: the pretrained weight for LoRA and MiCA; for the SVD inits it is
+    the residual W₀ − (α/r)·B₀A₀, and B and A start at B₀ and A₀, so that y is unchanged at step 0."""
 
     def __init__(self, base: nn.Linear, r, alpha, dropout=0.0, init="lora"):
         super().__init__(base, r, dropout)
         self.alpha, self.scaling, self.init = alpha, alpha / r, init
         self.lora_A = nn.Parameter(torch.zeros(r, base.in_features, device=base.weight.device))  # r×in, float32 (PEFT)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))  # out×r
+        self.lora_B.requires_grad_(init != "mica")  # MiCA trains A only: its B stays W's minor left singular vectors
 
     @torch.no_grad()
     def initialize(self, state=None, generator=None):
         """Fill A and B by the layer's init, or from `state` (its part of an adapter_state_dict); W stays as it is."""
-        if self.init != "lora":  # B₀, A₀ from the SVD, or the saved ones (resume: no new SVD, the same residual)
+        if self.init in PARTS:  # B₀, A₀ from the SVD, or the saved ones (resume: no new SVD, the same residual)
             B0, A0 = (state["lora_B0"], state["lora_A0"]) if state else \
                 svd_factors(self.base_layer.weight, self.r, PARTS[self.init], self.scaling, generator)
             # Kept: subtract_init_ needs them, and save_adapter, to give ΔW = BA − B₀A₀ for the untouched base.
             self.register_buffer("lora_B0", B0.to(self.lora_B))
             self.register_buffer("lora_A0", A0.to(self.lora_A))
             state = {"lora_A": A0, "lora_B": B0, **(state or {})}  # training starts at B₀, A₀ unless resumed
+        elif self.init == "mica" and state is None:  # MiCA: B = U_m, W's r minor left singular vectors; A stays 0
+            state = {"lora_A": self.lora_A, "lora_B": svd_factors(self.base_layer.weight, self.r, scale=None)[0]}
         if state is None:  # LoRA: A as nn.Linear's default init (as PEFT and loralib), B = 0
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         else:
@@ -164,8 +166,8 @@ ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_A0", "lora_B0", "miss_block")
 def apply_adapters(model, method="milora", r=64, alpha=None, dropout=0.0, target_modules=PAPER_TARGETS,
                    init_state=None, gather=lambda weight: contextlib.nullcontext()):
     """Wrap every nn.Linear named in target_modules with an adapter, in place; only adapters stay trainable.
-    method: "lora", "pissa", "milora", "miss", or the paper's ablations "middle" and "random" (triplet_indices).
-    alpha: scaling = alpha/r; by default the paper's, 2r for LoRA and r for the SVD inits. MiSS has no alpha.
+    method: "lora", "pissa", "milora", "miss", "mica", or the paper's ablations "middle" and "random" (triplet_indices).
+    alpha: scaling = alpha/r; default 2r for LoRA, r for the SVD inits (paper) and MiCA (PEFT's example); MiSS: none.
     target_modules: module names or name suffixes, or a regex on the full name (PEFT's rule).
     init_state: an adapter_state_dict() of an earlier run with the same settings, to resume it exactly: its tensors
         are restored and the residual is rebuilt from its saved B₀, A₀, with no new SVD.
@@ -183,14 +185,14 @@ def apply_adapters(model, method="milora", r=64, alpha=None, dropout=0.0, target
                                                           if f"{name}.{k}" in init_state}  # one layer's part of it
     # "random" picks each layer's triplets with a seed drawn here, in order: the same whichever process decomposes it.
     seeds = torch.randint(2 ** 62, (len(targets),)).tolist() if method == "random" else [0] * len(targets)
-    # 1. The slow part, which changes nothing in the model: every layer's init, an SVD for PiSSA and MiLoRA.
-    mine = process_share(len(targets)) if method in PARTS and init_state is None else range(len(targets))
+    # 1. The slow part, which changes nothing in the model: every layer's init, an SVD for PiSSA, MiLoRA and MiCA.
+    mine = process_share(len(targets)) if method in (*PARTS, "mica") and init_state is None else range(len(targets))
     for i in tqdm(range(len(targets)), desc=f"{method} init", unit="layer", leave=False):
         with gather(targets[i][1].weight):  # ZeRO-3: every process gathers, the owner of layer i decomposes it
             if i in mine:
                 layers[i].initialize(state(targets[i][0]), torch.Generator().manual_seed(seeds[i]))
-    if method in PARTS and init_state is None and dist.is_available() and dist.is_initialized():
-        _share_factors(layers, mine)  # each layer's B₀, A₀, from the process that decomposed it to all the others
+    if method in (*PARTS, "mica") and init_state is None and dist.is_available() and dist.is_initialized():
+        _share_factors(layers, mine)  # each layer's factors, from the process that decomposed it to all the others
     _warn_zero_singular_values(targets, layers, method, r)
     # 2. The model changes here, in a step that allocates nothing (but ZeRO-3's gathers) and holds Ctrl-C until done.
     largest = max(m.in_features * m.out_features for _, m in targets)  # SVD inits write residuals through a buffer
@@ -225,7 +227,7 @@ def save_adapter(model, path):
         key = PREFIX + name
         if isinstance(m, MissLinear):
             tensors[f"{key}.miss_block"] = m.miss_block
-        elif m.init == "lora":
+        elif m.init not in PARTS:  # LoRA and MiCA leave W₀ untouched: their A and B as they are
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = m.lora_A, m.lora_B
         else:
             tensors[f"{key}.lora_A.weight"] = torch.cat([m.lora_A, m.lora_A0])  # 2r×in
@@ -238,7 +240,7 @@ def save_adapter(model, path):
     if isinstance(first, MissLinear):
         config.update(peft_type="MISS", r=first.r, miss_dropout=p, init_weights=True, mini_r=1)
     else:
-        k = 1 if first.init == "lora" else 2
+        k = 2 if first.init in PARTS else 1
         config.update(peft_type="LORA", r=k * first.r, lora_alpha=k * first.alpha, lora_dropout=p,
                       init_lora_weights=True, use_rslora=False, use_dora=False, fan_in_fan_out=False)
     os.makedirs(path, exist_ok=True)
@@ -251,8 +253,7 @@ def load_adapter(model, path):
     cfg, state = _read_adapter(path)  # only what apply_adapters can rebuild, or a one-line error
     state = {k.removeprefix(PREFIX).removesuffix(".weight"): v for k, v in state.items()}  # our keys: <module>.lora_A
     if cfg["peft_type"] == "MISS":
-        return apply_adapters(model, "miss", cfg["r"], None, cfg.get("miss_dropout", 0.0), cfg["target_modules"],
-                              state)
+        return apply_adapters(model, "miss", cfg["r"], None, cfg.get("miss_dropout", 0.0), cfg["target_modules"], state)
     r, alpha = cfg["r"], cfg.get("lora_alpha", 8)
     if cfg.get("use_rslora") and isinstance(r, int) and isinstance(alpha, numbers.Real):
         alpha *= math.sqrt(r)  # rsLoRA scales by α/√r; α·√r / r says the same in our α/r
@@ -270,8 +271,8 @@ def merge_adapters(model):
 
 @contextlib.contextmanager
 def disable_adapters(model):
-    """Inside this block each adapter layer gives its frozen base only: for loaded adapters the untouched model, for
-    the SVD inits' the residual."""
+    """Inside this block each adapter layer gives its frozen base only: the untouched model for LoRA, MiCA and loaded
+    adapters, the residual for the SVD inits."""
     layers = [m for _, m in adapter_layers(model)]
     before = [m.disabled for m in layers]  # restored on exit, so that nested blocks keep the outer one's state
     for m in layers:
@@ -552,14 +553,14 @@ def process_share(n):
     return range(n)
 
 def _share_factors(layers, mine):
-    """Each layer's B₀, A₀, from the process that decomposed it to the others, which initialise from them alike."""
+    """Each layer's B₀, A₀ (MiCA: B, A), from the process that decomposed it to the others: all initialise alike."""
     for i, layer in enumerate(layers):
-        B0, A0 = (layer.lora_B0, layer.lora_A0) if i in mine else (torch.empty_like(layer.lora_B),
-                                                                  torch.empty_like(layer.lora_A))
-        dist.broadcast(B0, src=i % dist.get_world_size())
-        dist.broadcast(A0, src=i % dist.get_world_size())
+        keys = ("lora_B0", "lora_A0") if layer.init in PARTS else ("lora_B", "lora_A")  # MiCA: its B, and A = 0
+        state = {k: getattr(layer, k) if i in mine else torch.empty_like(getattr(layer, k.rstrip("0"))) for k in keys}
+        for factor in state.values():
+            dist.broadcast(factor, src=i % dist.get_world_size())
         if i not in mine:
-            layer.initialize({"lora_B0": B0, "lora_A0": A0})
+            layer.initialize(state)
 
 def write_atomically(path, write):
     """write(tmp_path), then rename it over path: a crash never leaves a half-written file where a whole one was."""
@@ -595,5 +596,5 @@ if __name__ == "__main__":
         apply_adapters(model, method, r=r)
         t_init, err = time.perf_counter() - t, ((model(x) - y0).abs().max() / y0.abs().max()).item()
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        speedup = f"{t_svd / t_init:8.1f}x" if method in PARTS else f"{'-':>9}"  # LoRA and MiSS need no SVD
+        speedup = f"{t_svd / t_init:8.1f}x" if method in (*PARTS, "mica") else f"{'-':>9}"  # LoRA, MiSS: no SVD
         print(f"{method:8} {t_init:7.2f} {speedup} {err:13.1e} {n_train:10,}")

@@ -277,7 +277,7 @@ def test_exact_at_init(method, dtype):
     n_layers = len(milora.adapter_layers(model))
     assert n_layers == 2 * len(TARGETS)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {"miss_block"} if method == "miss" else {"lora_A", "lora_B"}
+    expected = {"miss_block"} if method == "miss" else {"lora_A"} if method == "mica" else {"lora_A", "lora_B"}
     assert {n.rsplit(".", 1)[-1] for n in trainable} == expected and len(trainable) == n_layers * len(expected)
     # The frozen weight stays in the model's dtype and is the residual for SVD inits.
     layer = model.model.layers[0].self_attn.q_proj
@@ -511,6 +511,182 @@ def test_delta_analysis_by_hand():
     assert all(math.isnan(zero[k]) for k in ("phi_principal", "phi_minor", "phi_random", "phi_minor_right"))
     with pytest.raises(ValueError, match=r"r must be in \[1, 4\] for a 4×6 weight, got 5"):
         milora.delta_analysis(torch.ones(4, 6), W, 5)
+
+
+# ----------------------------------------------------------------------------- MiCA against PEFT's
+# MiCA (Rüdiger & Raschka, arXiv 2604.01694) against PEFT 0.21.2's LoraConfig(init_lora_weights="mica"): B = U[:, -r:]
+# of a float32 full SVD of W, frozen; A = 0, trained; W untouched; forward W x + (α/r)·B A dropout(x).
+
+ALPHA = R  # PEFT's MiCA example (examples/mica_finetuning): r = 16, lora_alpha = 16, i.e. α = r, our default
+
+
+def peft_mica(dtype=torch.float32, alpha=ALPHA):
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(tiny_llama(dtype), LoraConfig(r=R, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS,
+                                                        init_lora_weights="mica"))
+
+
+def pairs(ours, theirs):
+    """(name, our LoraLinear, PEFT's lora.Linear) for every adapted module."""
+    peft_layers = dict(theirs.base_model.model.named_modules())
+    return [(name, layer, peft_layers[name]) for name, layer in milora.adapter_layers(ours)]
+
+
+def column_signs(B, B_ref):
+    """±1 per column: singular vectors are defined up to sign, and PEFT keeps LAPACK's while we fix ours (svd_flip)."""
+    return torch.where((B * B_ref).sum(0) < 0, -1.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_init_equals_peft(dtype):
+    base = tiny_llama(dtype)
+    ref = logits(base, IDS)
+    ours = milora.apply_adapters(tiny_llama(dtype), "mica", r=R)
+    theirs = peft_mica(dtype)
+    layers = pairs(ours, theirs)
+    assert len(layers) == 2 * len(TARGETS)
+    for name, layer, peft_layer in layers:
+        B, B_ref = layer.lora_B, peft_layer.lora_B["default"].weight
+        assert B.dtype == B_ref.dtype == torch.float32 and B.shape == B_ref.shape == (layer.base_layer.out_features, R)
+        # Equal to PEFT's B up to each column's sign, and to PEFT's round-off: its float32 LAPACK U is off float64's
+        # by up to 1.2e-5 here, where σ gaps reach 1e-3·σmax (ours by 1e-6), and for a bf16 W it rounds B to bf16,
+        # 2⁻⁹ relative, before casting the adapter back to float32. We keep float32's U for every dtype.
+        tol = 5e-5 if dtype == torch.float32 else 2 ** -9
+        torch.testing.assert_close(B * column_signs(B, B_ref), B_ref, atol=tol, rtol=0)
+        U64 = torch.linalg.svd(layer.base_layer.weight.double(), full_matrices=False)[0][:, -R:]  # σ descending
+        torch.testing.assert_close(B.double() * column_signs(B, U64.float()).double(), U64, atol=5e-6, rtol=0)
+        torch.testing.assert_close(B.T @ B, torch.eye(R), atol=1e-5, rtol=0)  # orthonormal: no σ in it
+        assert not layer.lora_A.any() and not peft_layer.lora_A["default"].weight.any()  # A = 0
+        assert not B.requires_grad and layer.lora_A.requires_grad  # B frozen, A trained, as PEFT's
+        assert not B_ref.requires_grad and peft_layer.lora_A["default"].weight.requires_grad
+        assert torch.equal(layer.base_layer.weight, peft_layer.base_layer.weight)  # W untouched by both
+        assert layer.scaling == peft_layer.scaling["default"] == 1.0  # α = r by default, as PEFT's example
+    shapes = lambda model: sorted(tuple(p.shape) for p in model.parameters() if p.requires_grad)
+    assert shapes(ours) == shapes(theirs)  # the same trainable parameters: A only, r×in per layer
+    assert torch.equal(logits(ours, IDS), ref) and torch.equal(logits(theirs, IDS), ref)  # unchanged at step 0
+
+
+@pytest.mark.parametrize("b", ["ours", "peft_flipped"])
+def test_training_gives_peft_delta_w(b):
+    """The same AdamW steps on the same data give PEFT's ΔW = (α/r)·B A. Where our B's column is −PEFT's, A's
+    gradient row is −PEFT's too, and so is every Adam step of that row (A starts at 0): B A, and ΔW, are the same.
+    b="ours": each side's own B, so PEFT's float32 SVD error (B off ours by up to 3.6e-5 relative in one layer) shows,
+    amplified by Adam, in ΔW (measured: 6.8e-5 worst) and more in A (2.2e-4). b="peft_flipped": PEFT's B with every
+    other column negated, to isolate training: then only float32 round-off may differ."""
+    alpha = 3 * R  # any α: scaling 3, both sides
+    ours, theirs = milora.apply_adapters(tiny_llama(), "mica", r=R, alpha=alpha), peft_mica(alpha=alpha)
+    flip = torch.tensor([1.0, -1.0]).repeat(R // 2)
+    if b == "peft_flipped":
+        with torch.no_grad():
+            for _, layer, peft_layer in pairs(ours, theirs):
+                layer.lora_B.copy_(peft_layer.lora_B["default"].weight * flip)
+    start = {name: layer.lora_B.clone() for name, layer in milora.adapter_layers(ours)}
+    ours, theirs = train_a_little(ours), train_a_little(theirs)
+    tol = dict(ours=(1e-4, 2e-4, 1e-3), peft_flipped=(1e-5, 1e-5, 1e-5))[b]  # logits, ΔW, A
+    assert rel_err(logits(ours, IDS), logits(theirs, IDS)) < tol[0]
+    for name, layer, peft_layer in pairs(ours, theirs):
+        dW, dW_ref = layer.delta_weight(), peft_layer.get_delta_weight("default")
+        assert dW.abs().max() > 1e-2  # A moved
+        assert rel_err(dW, dW_ref) < tol[1], name
+        assert torch.equal(layer.lora_B, start[name]) and layer.lora_B.grad is None  # B never moved, had no grad
+        signs = column_signs(layer.lora_B, peft_layer.lora_B["default"].weight)
+        if b == "peft_flipped":
+            assert torch.equal(signs, flip)
+        assert rel_err(layer.lora_A * signs[:, None], peft_layer.lora_A["default"].weight) < tol[2], name  # A flips
+
+
+def test_merge_and_disable_adapters():
+    model = train_a_little(milora.apply_adapters(tiny_llama(), "mica", r=R))
+    trained, plain = logits(model, IDS), logits(tiny_llama(), IDS)
+    assert rel_err(trained, plain) > 1e-2
+    with milora.disable_adapters(model):  # the untouched model: MiCA has no residual
+        assert torch.equal(logits(model, IDS), plain)
+    milora.merge_adapters(model)
+    assert not milora.adapter_layers(model) and rel_err(logits(model, IDS), trained) < 1e-5
+
+
+def test_saved_adapter_is_a_plain_rank_r_lora_that_both_loaders_load(tmp_path):
+    from peft import PeftModel
+    trained = train_a_little(milora.apply_adapters(tiny_llama(), "mica", r=R, dropout=0.05))
+    want = logits(trained, IDS)
+    milora.save_adapter(trained, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == ("LORA", R, ALPHA, True)
+    assert cfg["lora_dropout"] == 0.05
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    for name, layer in milora.adapter_layers(trained):  # A and B as they are: the base is untouched
+        key = milora.PREFIX + name
+        assert torch.equal(tensors[f"{key}.lora_A.weight"], layer.lora_A.detach())
+        assert torch.equal(tensors[f"{key}.lora_B.weight"], layer.lora_B)
+    assert len(tensors) == 2 * len(milora.adapter_layers(trained))
+    peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert rel_err(logits(peft_model, IDS), want) < 1e-5
+    ours = milora.load_adapter(tiny_llama(), tmp_path)
+    assert rel_err(logits(ours, IDS), want) < 1e-5
+
+
+def test_loads_a_mica_adapter_saved_by_peft(tmp_path):
+    """PEFT saves MiCA as init_lora_weights="mica" with lora_A and lora_B: a plain LoRA to any LoRA loader."""
+    theirs = train_a_little(peft_mica())
+    theirs.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == "mica"
+    ours = milora.load_adapter(tiny_llama(), tmp_path)
+    assert rel_err(logits(ours, IDS), logits(theirs, IDS)) < 1e-5
+
+
+def test_resume_is_bit_exact_and_does_no_svd(monkeypatch):
+    torch.manual_seed(0)
+    trained = train_a_little(milora.apply_adapters(tiny_llama(), "mica", r=R))
+    state = milora.adapter_state_dict(trained)
+    assert {k.rsplit(".", 1)[-1] for k in state} == {"lora_A", "lora_B"}  # B is kept; no B₀, A₀: no residual
+
+    def no_decomposition(*args, **kwargs):
+        raise AssertionError("resume decomposed a weight")
+
+    for name in ("svd", "eigh", "svdvals"):
+        monkeypatch.setattr(torch.linalg, name, no_decomposition)
+    resumed = milora.apply_adapters(tiny_llama(), "mica", r=R, init_state=state)
+    monkeypatch.undo()
+    for k, v in trained.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    flags = lambda model: {n: p.requires_grad for n, p in model.named_parameters()}
+    assert flags(resumed) == flags(trained)  # B frozen again
+    assert torch.equal(logits(resumed, IDS), logits(trained, IDS))
+
+
+# Two processes over gloo: each decomposes every other layer and sends its factors to the other (_share_factors).
+SHARE_PROBE = """
+import sys
+import torch, torch.distributed as dist
+from safetensors.torch import save_file
+sys.path.insert(0, {here!r})
+import milora
+from test_milora import tiny_llama
+
+dist.init_process_group("gloo")
+svd_factors, calls = milora.svd_factors, []
+milora.svd_factors = lambda *a, **k: (calls.append(1), svd_factors(*a, **k))[1]
+model = milora.apply_adapters(tiny_llama(), sys.argv[1], r=8)
+save_file(dict(milora.adapter_state_dict(model), calls=torch.tensor(len(calls))),
+          f"{{sys.argv[2]}}/{{dist.get_rank()}}.safetensors")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("method", ["mica", "milora"])
+def test_two_processes_share_the_factors(method, tmp_path):
+    (tmp_path / "probe.py").write_text(SHARE_PROBE.format(here=HERE))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(tmp_path / "probe.py"), method, str(tmp_path)], cwd=HERE, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s0, s1 = (load_file(tmp_path / f"{rank}.safetensors") for rank in (0, 1))
+    assert s0.pop("calls") == s1.pop("calls") == 5  # 10 layers, half each
+    one = milora.adapter_state_dict(milora.apply_adapters(tiny_llama(), method, r=R))
+    assert s0.keys() == s1.keys() == one.keys()
+    for k in one:
+        assert torch.equal(s0[k], s1[k]), k  # the same start in both processes, bit for bit
+        torch.testing.assert_close(s0[k], one[k], atol=1e-6, rtol=1e-5)  # and one process's, to round-off
 
 
 # ----------------------------------------------------------------------------- bad input

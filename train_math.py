@@ -103,13 +103,14 @@ class AdapterTrainer(Trainer):
             raise ValueError(f"{checkpoint} has no {ADAPTER_STATE}")
 
 def gathered(model, params=None):
-    """A context in which the trainable (adapter) parameters, or `params`, are whole on every process: under DeepSpeed
+    """A context in which the adapter parameters, or `params`, are whole on every process: under DeepSpeed
     ZeRO-3 each process holds a slice of each, so all gather them together, and keep changes made alike on every
     process (rank 0's). Elsewhere there is nothing to gather."""
     if not is_deepspeed_zero3_enabled():
         return contextlib.nullcontext()
     import deepspeed
-    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
+    params = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in milora.ADAPTER_TENSORS] \
+        if params is None else params  # every adapter tensor: MiCA's frozen B too
     return deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=0)
 
 def checkpoint_problem(ckpt):
@@ -333,7 +334,7 @@ def main(argv=None):
                               gather=lambda weight: gathered(model, [weight]))
     except (ValueError, TypeError) as e:
         sys.exit(f"cannot apply {args.method} with --rank {args.rank} to {args.model}: {e}")
-    if args.method in milora.PARTS:
+    if args.method in (*milora.PARTS, "mica"):  # the methods that decompose
         n = len(milora.adapter_layers(model))
         print(f"init: decomposed {0 if checkpoint else len(milora.process_share(n))} of {n} layers in "
               f"{time.time() - t0:.1f} s (rank {training_args.process_index} of {training_args.world_size})")
