@@ -50,8 +50,8 @@ def svd_factors(weight, r, part="minor", scale=1.0, generator=None, fast=True):
     """B (out×r) and A (r×in), float32, from r singular triplets of W = U Σ Vᵀ: B = U √(Σ/scale), A = √(Σ/scale) Vᵀ.
     part: "minor" takes the r smallest (MiLoRA), "principal" the r largest (PiSSA), "middle" or "random" (ablations).
     The adapter adds scale·B A (scale = α/r), so Σ is divided by scale, as PEFT does: scale·B A is then exactly the
-    chosen part of W (but σ zeroed below), for any α. fast=True takes appendix B's route, within 2× of float32
-    torch.linalg.svd's error (tested) and faster (study/bench.py times both); fast=False takes that SVD."""
+    chosen part of W (but σ zeroed below), for any α. fast=True takes appendix B's route: its subspaces and σ within 2×
+    of float32 torch.linalg.svd's error (tested; study/bench.py accuracy measures it and times both); fast=False: SVD."""
     device = "cuda" if torch.cuda.is_available() and not weight.is_cuda else weight.device  # a GPU, if there is one
     W = weight.detach().to(device, torch.float32)  # float32 whatever the weight's dtype; one layer at a time
     m = min(W.shape)
@@ -526,8 +526,8 @@ def _wide(W):
     return torch.promote_types(W.dtype, torch.float32)  # float32, or float64 for a float64 weight
 
 def _add_matmul_(y, h, M, alpha=1.0):
-    """y += alpha·h@M, in place and fused into the GEMM when the dtypes allow, else computed in h's dtype: a
-    training step no slower than PEFT LoRA's, which adds y + h@M (study/bench.py step times the two side by side)."""
+    """y += alpha·h@M, in place and fused into the GEMM when the dtypes allow (PEFT adds y + h@M, one more pass over
+    y), else computed in h's dtype. study/bench.py step times a training step against PEFT LoRA's, side by side."""
     if y.dtype == h.dtype:  # under autocast h is bf16 while M (an adapter) stays float32: addmm_ must get one dtype
         return y.addmm_(h, M.to(h.dtype), alpha=alpha)
     return y.add_((alpha * (h @ M)).to(y.dtype))

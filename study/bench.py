@@ -1,7 +1,7 @@
 """
 The project's benchmark: every speed, memory and split-accuracy figure that README.md and docs/ quote.
 
-    python study/bench.py                 # all of it (about 15 minutes on 2 CPU cores)
+    python study/bench.py                 # all of it (accuracy, 1890 splits against float64, takes longest)
     python study/bench.py init real       # a subset of: init, real, accuracy, step, memory
 
 Each speed figure is a ratio measured side by side in one process, the two sides alternating, best of --repeats, so
