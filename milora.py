@@ -50,8 +50,8 @@ def svd_factors(weight, r, part="minor", scale=1.0, generator=None, fast=True):
     """B (out×r) and A (r×in), float32, from r singular triplets of W = U Σ Vᵀ: B = U √(Σ/scale), A = √(Σ/scale) Vᵀ.
     part: "minor" takes the r smallest (MiLoRA), "principal" the r largest (PiSSA), "middle" or "random" (ablations).
     The adapter adds scale·B A (scale = α/r), so Σ is divided by scale, as PEFT does: scale·B A is then exactly the
-    chosen part of W (but σ zeroed below), for any α. fast=True takes appendix B's route: its subspaces and σ within 2×
-    of float32 torch.linalg.svd's error (tested; study/bench.py accuracy measures it and times both); fast=False: SVD."""
+    chosen part of W (but σ zeroed below), for any α. fast=True takes appendix B's route: its block B·A, subspaces and
+    σ within 2× of float32 torch.linalg.svd's error (tested; study/bench.py measures both routes); fast=False: SVD."""
     device = "cuda" if torch.cuda.is_available() and not weight.is_cuda else weight.device  # a GPU, if there is one
     W = weight.detach().to(device, torch.float32)  # float32 whatever the weight's dtype; one layer at a time
     m = min(W.shape)
@@ -434,12 +434,13 @@ def _warn_zero_singular_values(targets, layers, method, r):
 # Appendix B: the same triplets, faster than a full SVD ----------------------------------------------------------------
 # The eigenvectors of the Gram matrix W Wᵀ (m×m, m = min(out, in)) are W's left singular vectors, and eigh costs less
 # than svd. But the Gram squares σ: in float32 it resolves only σ above about √eps·σmax = 3.5e-4·σmax, and real
-# SmolLM2-135M's q_proj and o_proj reach 1e-6·σmax, where its eigenvectors are a rotated mix. So the Gram only starts: a
-# Rayleigh–Ritz step on W makes triplets of them, which are checked; where that fails on the minor side, inverse
-# iteration with the R of a QR of W refines them without squaring anything; a full SVD is the last resort.
+# SmolLM2-135M's q_proj and o_proj reach 1e-6·σmax, where its eigenvectors are a rotated mix. So the Gram only starts:
+# Rayleigh–Ritz on W makes triplets of them, a Newton step (the Gram's other eigenpairs as the inverse) squares their
+# error, a check follows; where it fails on the minor side, inverse iteration on a float64 QR of W; a full SVD last.
 
 MARGIN = 16  # Gram eigenvectors taken beyond each end of the chosen ones, so near-ties at the ends stay in the block
-MAX_ANGLE = 1e-3  # the check's threshold: an estimated angle (rad) between a chosen vector and the block's true span
+MAX_ANGLE = 1e-3  # Rayleigh–Ritz's estimated angle (rad) to the block's true span under which Newton is trusted
+TOL = 2e-5  # the estimated angle asked of the others, after Newton or inverse iteration
 MAX_ITERS = 8  # inverse-iteration steps before giving up for a full SVD
 
 def fast_triplets(W, idx):
@@ -464,60 +465,58 @@ def _block_triplets(Wm, idx):
     sigma, Q = lam.flip(0).clamp_min(0).sqrt(), Q.flip(1)  # σ estimates, descending as idx
     lo, hi = max(0, int(idx.min()) - MARGIN), min(m, int(idx.max()) + 1 + MARGIN)  # the block: chosen ± MARGIN
     outside = torch.cat([sigma[lo - 1:lo] if lo else sigma[:0], sigma[hi:hi + 1]])  # its nearest neighbours
-    U, S, Vh = _rayleigh_ritz(Wm, Q[:, lo:hi])  # the block's k Ritz triplets; the chosen are `pick` of them
-    pick = idx.to(Wm.device) - lo
-    U, S, Vh = U[:, pick], S[pick], Vh[pick]
-    if _accurate(Wm, U, S, Vh, outside):
+    W64 = Wm.double()  # Rayleigh–Ritz and the check in float64: their products add no rounding (float32: eps·σmax)
+    U, S, Vh = _rayleigh_ritz(W64, Q[:, lo:hi], idx.to(Wm.device) - lo)  # the chosen of the block's Ritz triplets
+    res, angle = _check(W64, U, S, Vh, outside)
+    # Newton: Wm Wmᵀu − σ²u = σ·res, so u's error along q_j outside the block is σ q_jᵀres / (σ_j² − σ²); V follows u.
+    D = (S / (sigma[:, None].double() ** 2 - S * S)).float()  # m×r
+    D[lo:hi] = 0  # inside the block Rayleigh–Ritz is exact already
+    C = Q @ (D * (Q.T @ res.float()))  # m×r, a correction: float32 is precise enough
+    U, Vh = U - C, Vh - (C.T @ Wm) / S.clamp_min(EPS * sigma[0])[:, None]
+    U, S, Vh = U / (nu := U.norm(dim=0)), S * (nv := Vh.norm(dim=1)) / nu, Vh / nv[:, None]  # unit vectors again
+    if angle <= MAX_ANGLE or _check(W64, U, S, Vh, outside)[1] <= TOL:
         return U, S, Vh, sigma[0]
-    if int(idx[0]) == m - len(idx):  # the r smallest: inverse iteration converges to exactly these
-        if (triplets := _inverse_iteration(Wm, Q[:, lo:], len(idx), outside, sigma[0])) is not None:
+    if int(idx[0]) == m - len(idx):  # the r smallest: inverse iteration (from twice the margin) converges to these
+        if (triplets := _inverse_iteration(Wm, Q, sigma, max(0, lo - MARGIN), len(idx))) is not None:
             return (*triplets, sigma[0])
     return svd_triplets(Wm, idx)  # the last resort
 
-def _rayleigh_ritz(Wm, X):
-    """The exact SVD of Wm (m×n) restricted to span(X), X m×k orthonormal: U (m×k), S (k, descending), Vh (k×n).
-    Its σ come from Wm itself, not from σ², which squares tiny σ away; in float64, so that the products add no
-    rounding of their own (in float32, a few eps·σmax)."""
+def _rayleigh_ritz(Wm, X, pick):
+    """The exact SVD of Wm (m×n) restricted to span(X), X m×k orthonormal (k descending triplets), then the triplets
+    `pick` of it: U (m×r), S (r), Vh (r×n). Its σ come from Wm, not σ², which squares tiny σ away."""
     X = torch.linalg.qr(X.double()).Q  # eigh's vectors are orthonormal only to ~√m·eps, which would scale σ as much
-    Qn, R = torch.linalg.qr((X.T @ Wm.double()).T)  # (n×k)(k×k): XᵀWm = Rᵀ Qnᵀ, so its SVD is Rᵀ's, k×k
+    Qn, R = torch.linalg.qr((X.T @ Wm).T)  # (n×k)(k×k): XᵀWm = Rᵀ Qnᵀ, so its SVD is Rᵀ's, k×k
     Ur, S, Vrh = torch.linalg.svd(R.T)
-    return X @ Ur, S, Vrh @ Qn.T
+    return X @ Ur[:, pick], S[pick], Vrh[pick] @ Qn.T
 
-def _accurate(Wm, U, S, Vh, outside):
-    """The check: each triplet's residual ‖Wm v − σu‖ over its σ's gap to the block's outside neighbours is below
-    MAX_ANGLE. Were Wmᵀu = σv exact (true of Rayleigh–Ritz, not of inverse iteration: its error is the float32 QR's)
-    and the gap too (it uses the Gram's σ), Wedin's theorem would bound u's angle to the block's true singular span.
-    Mixing inside the block is not checked: counting the MARGIN neighbours in the gap would, but real weights have
-    some closer than float32 resolves, and on SmolLM2 that sent 38 of 252 PiSSA splits to the full float32 SVD, whose
-    σ were less accurate. So it is an estimate; test_milora.py measures the accuracy itself, against float64."""
-    residual = (Wm.double() @ Vh.T - U * S).norm(dim=0)  # r
+def _check(Wm, U, S, Vh, outside):
+    """The residuals Wm v − σu (m×r), and the largest ‖Wm v − σu‖ over its σ's gap to the block's outside neighbours:
+    were Wmᵀu = σv (so it is, to rounding) and the Gram's gap exact, Wedin's theorem would bound u's angle to the
+    block's true singular span by it. Mixing inside the block is not checked (real weights have neighbours closer than
+    float32 resolves). So it is an estimate; test_milora.py measures the accuracy itself, against float64."""
+    res = Wm @ Vh.T - U * S  # m×r
     gap = (S[:, None] - outside.double()[None, :]).abs().min(1).values if len(outside) else torch.inf
-    return bool((residual / gap).max() <= MAX_ANGLE)
+    return res, float((res.norm(dim=0) / gap).max())
 
-def _inverse_iteration(Wm, X, r, outside, smax):
-    """Refine the r smallest triplets by inverse subspace iteration with R from Wmᵀ = Q_w R, so that Wm Wmᵀ = RᵀR. The
-    solves with R and Rᵀ never form Wm Wmᵀ: R is as accurate as a float32 SVD (backward stable), and in float64 one
-    step amplifies the smallest direction 1/σ² times without drowning the others. V comes as Q_w·(R u/σ), Wmᵀu/σ
-    formed through R in float64, so it is only as exact as the float32 QR."""
+def _inverse_iteration(Wm, Q, sigma, lo, r):
+    """Refine the r smallest triplets by inverse subspace iteration with R from Wmᵀ = Q_w R, so that Wm Wmᵀ = RᵀR: the
+    solves with R never square σ, and in float64 one step amplifies the smallest direction 1/σ² times without
+    drowning the others. Wm = Rᵀ Q_wᵀ, so Rᵀ's triplets (u, σ, z) are Wm's with v = Q_w z: checked on Rᵀ."""
     m, n = Wm.shape
-    a, tau = torch.geqrf(Wm.T)  # n×m: R in its upper triangle, Q_w as Householder reflectors below
-    a, tau = a.double(), tau.double()
+    a, tau = torch.geqrf(Wm.T.double())  # n×m: R in its upper triangle, Q_w as Householder reflectors below
     R = a[:m].triu()  # m×m
+    X, outside, smax = Q[:, lo:].double(), sigma[lo - 1:lo], sigma[0]  # the Gram's eigenvectors lo:, their neighbour
     pivots = R.diagonal()  # rank deficiency gives (near-)zero pivots: lift them to float32's noise level
     pivots.copy_(torch.where(pivots.abs() < EPS * smax, EPS * smax * torch.where(pivots < 0, -1.0, 1.0), pivots))
-    X = X.double()
     for _ in range(MAX_ITERS):
-        X = torch.linalg.qr(torch.linalg.solve_triangular(R.T, X, upper=False)).Q  # (Rᵀ)⁻¹X, then R⁻¹ of that:
-        X = torch.linalg.qr(torch.linalg.solve_triangular(R, X, upper=True)).Q  # one step with (W Wᵀ)⁻¹
-        # R = Z Σ Uᵀ, so R X = Z Σ (UᵀX): its SVD gives the Ritz triplets, here through the k×k eigh of (RX)ᵀRX, a
-        # Gram that in float64 still resolves σ down to √eps64 ≈ 1.5e-8 of the block's largest.
-        RX = R @ X
+        X = torch.linalg.solve_triangular(R.T, X, upper=False)  # (Rᵀ)⁻¹X, then R⁻¹ of that: one step with (W Wᵀ)⁻¹
+        X = torch.linalg.qr(torch.linalg.solve_triangular(R, X, upper=True)).Q
+        RX = R @ X  # R = Z Σ Uᵀ, so RX = Z Σ (UᵀX): the k×k eigh of (RX)ᵀRX gives its Ritz triplets (to √eps64·σ_k)
         lam, C = torch.linalg.eigh(RX.T @ RX)  # ascending
         C, S = C[:, :r].flip(1), lam[:r].flip(0).clamp_min(0).sqrt()  # the r smallest, descending as idx
         U, Z = X @ C, RX @ C / S  # S > 0 as R is invertible (lifted pivots); if it rounds to 0, NaN fails the check
-        Vh = torch.ormqr(a, tau, F.pad(Z, (0, 0, 0, n - m))).T  # V = Q_w [Z; 0] (n×r), so Vh is r×n
-        if _accurate(Wm, U, S, Vh, outside):
-            return U, S, Vh
+        if _check(R.T, U, S, Z.T, outside)[1] <= TOL:
+            return U, S, torch.ormqr(a, tau, F.pad(Z, (0, 0, 0, n - m))).T  # V = Q_w [Z; 0] (n×r), so Vh is r×n
     return None
 
 # Appendix C: machinery. The fused forward, Ctrl-C, several processes, atomic files ------------------------------------
