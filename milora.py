@@ -65,11 +65,12 @@ def svd_factors(weight, r, part="minor", scale=1.0, generator=None, fast=True):
     # Each pair's sign is arbitrary: fix it (u's largest entry > 0, as svd_flip) so runs agree, and routes to rounding.
     sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()  # 1×r
     sqrt_s = (S / scale).sqrt() if scale else torch.ones_like(S)  # r; scale=None: B = U, A = Vᵀ (MiCA's frozen B)
-    return (U * sign * sqrt_s).contiguous(), (sqrt_s[:, None] * Vh * sign.T).contiguous()  # B out×r, A r×in
+    B, A = U * sign * sqrt_s, sqrt_s[:, None] * Vh * sign.T  # out×r, r×in
+    return B.contiguous().to(weight.device), A.contiguous().to(weight.device)  # back where the weight is
 
 def svd_split(weight, r, part="minor", scale=1.0, generator=None, fast=True):
-    """B, A as svd_factors gives them, and the residual W − scale·B A that stays frozen, all float32:
-    W = residual + scale·B A, on the device that decomposed. (apply_adapters writes the same into the weight.)"""
+    """B, A as svd_factors gives them, and the residual W − scale·B A that stays frozen, all float32 and on the
+    weight's device: W = residual + scale·B A. (apply_adapters writes the same into the weight.)"""
     B, A = svd_factors(weight, r, part, scale, generator, fast)
     return B, A, torch.addmm(weight.detach().to(B.device, torch.float32), B, A, alpha=-scale)
 
