@@ -36,7 +36,7 @@ def load_model(name, gguf_file=None, **kw):
     name, gguf_file = smollm2() if name == SMOLLM2 else (name, gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, **kw)
+        model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, use_kernels=False, **kw)  # no hub code
     except OSError as e:
         hint = "" if os.path.isdir(name) else " (no such directory; a hub id is unreachable offline: give a directory)"
         where = f"{name!r}" + (f" (gguf_file {gguf_file})" if gguf_file else "")
