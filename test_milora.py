@@ -988,8 +988,8 @@ def test_split_of_real_smollm2_weights_is_exact(smollm2, name):
 
 
 # The minor block B·A = U_m Σ_m V_mᵀ (what MiLoRA moves into the adapter) where the fast route was once worst, up to 15×
-# float32 SVD's error: inverse iteration accepted at an angle of 1e-3 (layer 0's q/o_proj, layer 1's o_proj), its float32
-# QR's floor (layer 8's o_proj), and the float32 Gram's span behind Rayleigh–Ritz (k, up, down and gate_proj).
+# float32 SVD's error: inverse iteration accepted at an angle of 1e-3 (layer 0's q/o_proj, layer 1's o_proj), its
+# float32 QR's floor (layer 8's o_proj), and the float32 Gram's span behind Rayleigh–Ritz (k, up, down and gate_proj).
 BLOCK_CASES = [("model.layers.0.self_attn.q_proj", (8, 16, 64)), ("model.layers.0.self_attn.k_proj", (8, 16, 64)),
                ("model.layers.0.self_attn.o_proj", (8, 16, 64)), ("model.layers.1.self_attn.o_proj", (8, 16)),
                ("model.layers.8.self_attn.o_proj", (16,)), ("model.layers.23.self_attn.k_proj", (8, 16)),
