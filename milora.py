@@ -467,7 +467,7 @@ def _block_triplets(Wm, idx):
     lo, hi = max(0, int(idx.min()) - MARGIN), min(m, int(idx.max()) + 1 + MARGIN)  # the block: chosen ± MARGIN
     outside = torch.cat([sigma[lo - 1:lo] if lo else sigma[:0], sigma[hi:hi + 1]])  # its nearest neighbours
     W64 = Wm.double()  # Rayleigh–Ritz and the check in float64: their products add no rounding (float32: eps·σmax)
-    U, S, Vh = _rayleigh_ritz(W64, Q[:, lo:hi], idx.to(Wm.device) - lo)  # the chosen of the block's Ritz triplets
+    U, S, Vh = _rayleigh_ritz(W64, Q[:, lo:hi].double(), idx.to(Wm.device) - lo)  # the chosen block Ritz triplets
     res, angle = _check(W64, U, S, Vh, outside)
     # Newton: Wm Wmᵀu − σ²u = σ·res, so u's error along q_j outside the block is σ q_jᵀres / (σ_j² − σ²); V follows u.
     D = (S / (sigma[:, None].double() ** 2 - S * S)).float()  # m×r
@@ -483,12 +483,12 @@ def _block_triplets(Wm, idx):
     return svd_triplets(Wm, idx)  # the last resort
 
 def _rayleigh_ritz(Wm, X, pick):
-    """The exact SVD of Wm (m×n) restricted to span(X), X m×k orthonormal (k descending triplets), then the triplets
-    `pick` of it: U (m×r), S (r), Vh (r×n). Its σ come from Wm, not σ², which squares tiny σ away."""
-    X = torch.linalg.qr(X.double()).Q  # eigh's vectors are orthonormal only to ~√m·eps, which would scale σ as much
-    Qn, R = torch.linalg.qr((X.T @ Wm).T)  # (n×k)(k×k): XᵀWm = Rᵀ Qnᵀ, so its SVD is Rᵀ's, k×k
-    Ur, S, Vrh = torch.linalg.svd(R.T)
-    return X @ Ur[:, pick], S[pick], Vrh[pick] @ Qn.T
+    """Wm's exact SVD (m×n) on span(X), X m×k (k descending triplets; both float64), then its triplets `pick`: U (m×r),
+    S (r), Vh (r×n). eigh's X is orthonormal only to ~√m·eps, which would scale σ as much: Cholesky QR makes it so."""
+    X = torch.linalg.solve_triangular(torch.linalg.cholesky(X.T @ X), X.T, upper=False).T  # X L⁻ᵀ, as X ≈ orthonormal
+    C = torch.linalg.eigh((P := X.T @ Wm) @ P.T).eigenvectors.flip(1)[:, pick]  # P (k×n): Wm on the block
+    S = (Vh := C.T @ P).norm(dim=1)  # PPᵀ squares only the block's spread of σ, which float64 resolves (docs/method.md)
+    return X @ C, S, Vh / S[:, None]  # Pᵀc = σv; a σ of 0 leaves noise or NaN in v, which fails the check
 
 def _check(Wm, U, S, Vh, outside):
     """The residuals Wm v − σu (m×r), and the largest ‖Wm v − σu‖ over its σ's gap to the block's outside neighbours:

