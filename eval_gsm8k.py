@@ -5,7 +5,7 @@ Score a model, with or without an adapter, on GSM8K with MetaMath's prompt and t
     python eval_gsm8k.py --model HuggingFaceTB/SmolLM2-360M --adapter DIR --output gsm8k.jsonl   # GSM8K (the hub)
 
 Decoding is greedy and batched; the last line printed is `accuracy: X.XXXX (correct/total, RULE rule)`. --forgetting
-measures the paper's forgetting loss (Table 8) on held-out general text, as KL(p_base || p_ft). This file also holds
+measures forgetting on held-out general text: KL(p_base || p_ft), and the paper's cross-entropy (Table 8). It holds
 what train_math.py and study/ share: the prompts, the models and the data.
 """
 import argparse, contextlib, importlib, importlib.util, inspect, json, math, os, pathlib, random, re, sys, time, zlib
@@ -39,8 +39,7 @@ def load_model(name, gguf_file=None, **kw):
         model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, use_kernels=False, **kw)  # no hub code
     except OSError as e:
         hint = "" if os.path.isdir(name) else " (no such directory; a hub id is unreachable offline: give a directory)"
-        where = f"{name!r}" + (f" (gguf_file {gguf_file})" if gguf_file else "")
-        sys.exit(f"could not load model {where}: {one_line(e)}{hint}")
+        sys.exit(f"could not load model {name!r}{f' (gguf_file {gguf_file})' * bool(gguf_file)}: {one_line(e)}{hint}")
     if gguf_file:  # GGUF weights arrive dequantized to plain float tensors, but the model stays flagged as
         model.hf_quantizer.remove_quantization_config(model)  # quantized, and Trainer refuses to train that
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -72,8 +71,7 @@ def toy_data(split, n=None):
 
 def one_line(e):
     """An exception as one line, for an error message (datasets wraps the real cause)."""
-    e = e.__cause__ or e
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return (str(e.__cause__ or e).strip().splitlines() or [type(e.__cause__ or e).__name__])[0]
 
 def check_ranges(args, **rules):
     """Exit with one line naming the first flag that breaks its rule, {flag: (test, what it must be)}; None passes."""
@@ -145,15 +143,16 @@ def official_answer(completion):
     """The official MiLoRA answer (sufenlp/MiLoRA@4740756, inference/gsm8k_inference.py), as an int, or None: the
     text before the first stop string; after its LAST 'The answer is: ' (colon and space), the first match of
     [-+]?\\d*[.,/]?\\d+, commas dropped ('1,2,3' -> 12); a/b evaluated (no digits in a: None; b == '0': a); then
-    Python's round, half to even (18.5 -> 18). Where the official script crashes ('7/00', -inf) this raises too. One
-    departure: a/b is exact here, where the official Fraction==2.2.0 package loses precision past 9e14."""
+    Python's round, half to even (18.5 -> 18). Two departures: where the official script crashes ('7/00', -inf) this
+    gives None (a wrong answer, not a lost run), and a/b is exact, where its Fraction==2.2.0 rounds past 9e14."""
     cut = min([completion.find(s) for s in OFFICIAL_STOP if s in completion], default=len(completion))
     parts = completion[:cut].split("The answer is: ")
     m = re.search(r"[\-+]?\d*[\.,/]?\d+", parts[-1]) if len(parts) > 1 else None
     a, slash, b = m.group().replace(",", "").partition("/") if m else ("", "", "")
     if not m or slash and a in ("", "+", "-") or not slash and float(a) == math.inf:
         return None
-    return round(float(a) if b == "0" else float(Fraction(int(a), int(b))) if slash else float(a))
+    with contextlib.suppress(ZeroDivisionError, OverflowError):  # a/00; round(-inf), from a number below -1.8e308
+        return round(float(a) if b == "0" else float(Fraction(int(a), int(b))) if slash else float(a))
 
 def is_correct(completion, gold):
     """The official verdict on a raw completion (before any stop string) against GSM8K's gold text after '#### '
@@ -181,12 +180,14 @@ def generate(model, tok, prompts, batch_size, max_new_tokens, stop=(STOP,)):
             out[i] = tok.decode(row, skip_special_tokens=True)
     return out
 
-def gold_answers(ds, data):
-    """The text after the last '####' of every answer (GSM8K's format); a row without a number there is an error."""
+def gold_answers(ds, data, rule="official"):
+    """Each answer's text after its last '####'; one that is not a number (official rule: an integer) is an error."""
     golds = [a.rsplit("####", 1)[1].strip() if "####" in a else "" for a in ds["answer"]]
-    if (bad := next((i for i, g in enumerate(golds) if first_number(g) is None), None)) is not None:
-        sys.exit(f"{data}: row {bad + 1} has no gold answer: its answer must end in '#### <number>', "
-                 f"but ends {ds['answer'][bad][-40:]!r}")
+    integer = lambda g: re.fullmatch(r"[-+]?\d+(_\d+)*", g.replace(",", ""))  # what int() reads, as the official code
+    ok = lambda g: integer(g) if rule == "official" else first_number(g) is not None
+    if (bad := next((i for i, g in enumerate(golds) if not ok(g)), None)) is not None:
+        sys.exit(f"{data}: row {bad + 1} has no gold answer: its answer must end in '#### <number>' (an integer for the"
+                 f" official rule), but ends {ds['answer'][bad][-40:]!r}")
     return golds
 
 def score(model, tok, questions, golds, batch_size, max_new_tokens, rule="official"):
@@ -264,7 +265,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     ds = load_data(args.data, "test", ("question", "answer"), args.limit)  # data first: its errors come at once
-    golds = gold_answers(ds, args.data)
+    golds = gold_answers(ds, args.data, args.rule)
     text = forgetting_text(args.forgetting_text) if args.forgetting else None
     cuda = torch.cuda.is_available()  # then bf16, for speed
     model, tok = load_model(args.model, args.gguf_file, **({"dtype": torch.bfloat16} if cuda else {}))
@@ -279,7 +280,7 @@ def main(argv=None):
     seconds, correct = time.time() - t0, sum(r["correct"] for r in rows)
     train = os.path.join(os.path.dirname(os.path.abspath(args.adapter or ".")), "args.json")
     summary = {"model": args.model, "gguf_file": args.gguf_file, "adapter": args.adapter, "data": args.data,
-               "train": json.load(open(train)) if args.adapter and os.path.isfile(train) else None,  # train_math's
+               "train": json.loads(pathlib.Path(train).read_text()) if args.adapter and os.path.isfile(train) else None,
                "rule": args.rule, "correct": correct, "total": len(rows), "accuracy": correct / len(rows),
                "seconds": seconds, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
     print(f"generation: {len(rows)} problems in {seconds:.1f} s ({len(rows) / seconds:.2f} problems/s)")
@@ -294,7 +295,6 @@ def main(argv=None):
         milora.write_json(summary, os.path.splitext(args.output)[0] + ".summary.json")  # last: the run is complete
     print(f"accuracy: {summary['accuracy']:.4f} ({correct}/{len(rows)}, {args.rule} rule)")
     return summary
-
 
 if __name__ == "__main__":
     main()

@@ -294,11 +294,6 @@ def subspace_similarity(U1, U2):
     """φ = ‖U1ᵀU2‖²_F / r for column-orthonormal d×r bases, r the smaller (appendix A.1): 1 = same span, 0 = none."""
     return ((U1.double().T @ U2.double()).square().sum() / min(U1.shape[1], U2.shape[1])).item()
 
-def amplification_factor(delta_w, w, r):
-    """‖UᵀΔW V‖_F / ‖UᵀW V‖_F, U and V the top-r singular vectors of ΔW (Table 7): how much ΔW amplifies
-    directions that W itself barely uses."""
-    return delta_analysis(delta_w, w, r)["amplification"]
-
 def delta_analysis(delta_w, w, r, generator=None):
     """The paper's section 5 on one update ΔW of a pretrained W (both out×in), in float64 on the CPU:
       w_proj, dw_proj, amplification   Table 7: ‖UᵀW V‖_F, ‖UᵀΔW V‖_F and their ratio, U and V ΔW's top r
@@ -317,7 +312,7 @@ def delta_analysis(delta_w, w, r, generator=None):
     out["sigma_principal"], out["sigma_minor"] = Sw[r - 1].item(), Sw[k - r].item()
     rank_r = S[-1] > S[0] * k * torch.finfo(torch.float64).eps
     for name in ("principal", "minor", "random"):
-        idx = triplet_indices(k, r, name, generator)  # the same picks as the inits'
+        idx = triplet_indices(k, r, name, generator)  # the inits' rule; random: other picks
         out[f"phi_{name}"] = subspace_similarity(U, Uw[:, idx]) if rank_r else math.nan
         out[f"phi_{name}_right"] = subspace_similarity(V, Vhw[idx].T) if rank_r else math.nan
     return out
@@ -409,7 +404,10 @@ def _read_adapter(path):
         raise ValueError(f"{files[0]}: a PEFT config is a JSON object, not a {type(cfg).__name__}")
     bad = [k for k in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias",
                        "layers_to_transform", "exclude_modules", "trainable_token_indices", "layer_replication",
-                       "target_parameters") if cfg.get(k)] + (["bias"] if cfg.get("bias", "none") != "none" else [])
+                       "target_parameters", "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config",
+                       "kasa_config") if cfg.get(k)] + (["bias"] if cfg.get("bias", "none") != "none" else [])
+    if str(cfg.get("init_lora_weights")).lower().startswith(("pissa", "olora", "corda", "loftq")):
+        bad.append("init_lora_weights")  # saved for a residual base, which PEFT rebuilds on load: convert it first
     if cfg.get("peft_type") == "MISS" and cfg.get("init_weights", True) is not True:
         bad.append("init_weights")  # MiSS's "bat" and "mini" variants
     if cfg.get("peft_type") not in ("LORA", "MISS") or bad:

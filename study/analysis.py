@@ -86,9 +86,9 @@ def mean_std(values):
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
 
 def study_runs(folder):
-    """-> (rows, settings, scoring, noise): a row per run, from every folder/*.json (study.py's run files), with the arm it was
-    trained in (method, lr, target_modules from train_math.py's args.json; method 'base' for the model without an
-    adapter), its seed and its FIGURES; the training and scoring settings every run shares; and the noise floor."""
+    """-> (rows, settings, scoring, noise): a row per run, from every folder/*.json (run.py's run files), with the arm
+    it was trained in (method, lr, target_modules from train_math.py's args.json; method 'base' for the model without
+    an adapter), its seed and its FIGURES; the training and scoring settings every run shares; and the noise floor."""
     rows, refs, noise = [], {}, None
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
