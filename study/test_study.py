@@ -186,6 +186,14 @@ def test_best_rates_by_hand():
     assert set(best) == {"lora", "milora"}
 
 
+def test_rates_off_the_grid_and_unknown_methods_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match=r"learning rate\(s\) \[0.0002\] not on the half-decade grid; choose from 1e-05"):
+        run.main(["--lrs", "1e-4 2e-4", "--runs", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"unknown method\(s\) \['dora'\]"):
+        run.main(["--sweep", "lora dora", "--runs", str(tmp_path)])
+    assert not os.listdir(tmp_path)
+
+
 def test_plan_tunes_each_method_until_its_best_rate_is_inside_its_grid():
     args = run.parse_args(["--sweep", "lora", "--lrs", "1e-4 3e-4", "--seeds", "1 2", "--best_seeds", "3",
                            "--extend", "1", "--arms", "miss", "--ablate", "milora", "--arm_seeds", "1"])
