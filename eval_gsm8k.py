@@ -168,12 +168,12 @@ RULES = {"official": (OFFICIAL_STOP, official_answer, is_correct),  # rule -> (s
 def generate(model, tok, prompts, batch_size, max_new_tokens, stop=(STOP,)):
     """Greedy completions, in the order of `prompts`, each ending at EOS or just after one of `stop`. Longest first,
     so that an out-of-memory shows up at once."""
-    tok.padding_side = "left"  # generation continues from the right end of every row
     order = sorted(range(len(prompts)), key=lambda i: -len(tok(prompts[i])["input_ids"]))
     out = [None] * len(prompts)
     for s in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
         idx = order[s:s + batch_size]
-        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(model.device)
+        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                  padding_side="left").to(model.device)  # generation continues from every row's right end
         seqs = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                               stop_strings=list(stop), tokenizer=tok)  # a row stops alone; the batch when all have
         for i, row in zip(idx, seqs[:, enc["input_ids"].shape[1]:]):

@@ -1172,6 +1172,10 @@ def test_eval_end_to_end(trained, tiny_dir, tmp_path, capsys):
     eval_gsm8k.main(["--model", tiny_dir, "--adapter", os.path.join(out, "adapter"), "--data", "toy", "--limit", "6",
                      "--batch_size", "1", "--max_new_tokens", "12", "--output", one])
     assert [json.loads(line)["completion"] for line in open(one)] == [r["completion"] for r in rows]
+    model, tok = eval_gsm8k.load_model(tiny_dir)
+    tok.padding_side = "right"  # as a trainer's tokenizer, then saved with a merged model: generate leaves it so
+    eval_gsm8k.generate(model, tok, ["1 + 1?", "What is 12 + 30?"], batch_size=2, max_new_tokens=2)
+    assert tok.padding_side == "right"
 
 
 def test_forgetting_is_zero_for_an_unchanged_model(tiny_dir, tmp_path):
