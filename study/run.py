@@ -114,7 +114,7 @@ def main(argv=None):
     args = parse_args(argv)
     if bad := [m for m in args.sweep + args.arms + args.ablate if m not in milora.METHODS]:
         sys.exit(f"unknown method(s) {bad}; choose from {', '.join(milora.METHODS)}")
-    if bad := [lr for lr in args.lrs + [args.arm_lr] if lr not in GRID]:  # a grid grows by GRID's next rate
+    if bad := [lr for lr in args.lrs if lr not in GRID]:  # a tuned method's grid grows by GRID's next rate
         sys.exit(f"learning rate(s) {bad} not on the half-decade grid; choose from {' '.join(f'{g:g}' for g in GRID)}")
     os.makedirs(args.runs, exist_ok=True)
     base, t0 = None, time.time()
