@@ -1468,6 +1468,26 @@ def test_two_processes_train_the_one_process_model(engine, one_process, tiny_dir
     assert ckpt.keys() == ref.keys() and all(ckpt[k].shape == ref[k].shape for k in ref)  # checkpoints: whole too
 
 
+def test_zero3_trains_mica_as_one_process_does(tiny_dir, tmp_path):
+    """MiCA's frozen B under ZeRO-3 with every tensor split: each process gathers it to decompose its layers, and the
+    trained adapter (B as it started, A learned) is the one-process run's, to float32 round-off."""
+    (tmp_path / "z3.json").write_text(json.dumps(ZERO3))
+    one, two = tmp_path / "one", tmp_path / "two"
+    probe_run(tiny_dir, one, 1, *DIST_TRAIN, "--method", "mica")
+    probe_run(tiny_dir, two, 2, *DIST_TRAIN, "--method", "mica", "--deepspeed", str(tmp_path / "z3.json"))
+    assert [json.load(open(two / f"record{r}.json"))["decomposed"] for r in (0, 1)] == [5, 5]
+    want, got = adapter(one), adapter(two)
+    start = load_file(one / "init0.safetensors")
+    assert want.keys() == got.keys() and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in want)
+    for k in want:
+        assert (got[k] - want[k]).norm() <= 1e-4 * want[k].norm(), k
+        if "lora_B" in k:  # frozen: exactly where the init put it, in both runs
+            init = start[k.removeprefix(milora.PREFIX).removesuffix(".weight")]
+            assert torch.equal(want[k], init) and torch.equal(got[k], init), k
+        else:
+            assert want[k].norm() > 0, k  # A trained from 0
+
+
 def test_deepspeed_takes_a_stage_or_a_file_whose_batch_comes_from_the_flags(tmp_path):
     auto = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}
