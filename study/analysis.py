@@ -239,7 +239,7 @@ def plot(rows, table, path, ylabel="held-out accuracy"):
     except ImportError:
         print(f"no plot: {path} needs matplotlib (pip install matplotlib); the table is written without it")
         return None
-    fig, ax = plt.subplots(figsize=(7.2, 4.6), layout="constrained")
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
     curves = {}  # (method, targets) -> [(lr, arm)]
     for label, t in table.items():
         if t["method"] != "base" and "forgetting_kl" in t:
@@ -256,10 +256,12 @@ def plot(rows, table, path, ylabel="held-out accuracy"):
             for lr, xi, yi in zip(sorted(lr for lr, _ in arms_), x, y):
                 ax.annotate(f"{lr:g}", (xi, yi), textcoords="offset points", xytext=(4, -9), fontsize=7)
     base = next((t["accuracy"][0] for t in table.values() if t["method"] == "base"), None)
+    if base is not None:
+        ax.axhline(base, ls=":", color="grey", label=f"base model ({base:.3f})")
     ax.set_xscale("log")
     ax.margins(0.08)  # the axes fit the runs, with room for the labels
     ax.set_xlabel("forgetting: KL(p_base || p_ft) on held-out general text (log scale), lower is better")
-    ax.set_ylabel(ylabel + (f" (base model: {base:.3f})" if base is not None else ""))
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -288,7 +290,7 @@ def report(runs, out, plot_path):
     with open(os.path.join(out, "study.md"), "w") as f:
         f.write(text + "\n")
     print(text)
-    ylabel = f"held-out accuracy, {scoring['data']} ({scoring['total']} problems, {scoring['rule']} rule)"
+    ylabel = f"held-out accuracy ({scoring['total']} {scoring['data']} problems, {scoring['rule']} rule)"
     written = plot(rows, table, plot_path, ylabel)
     print(f"wrote {out}/study.json, study.csv, study.md{f' and {written}' if written else ''}")
     return result
