@@ -7,6 +7,7 @@ import csv, glob, json, math, os, re, statistics, sys
 import torch
 from tqdm.auto import tqdm
 
+import eval_gsm8k
 import milora
 from train_math import FREE_SETTINGS
 
@@ -88,8 +89,9 @@ def mean_std(values):
 def study_runs(folder):
     """-> (rows, settings, scoring, noise): a row per run, from every folder/*.json (run.py's run files), with the arm
     it was trained in (method, lr, target_modules from train_math.py's args.json; method 'base' for the model without
-    an adapter), its seed and its FIGURES; the training and scoring settings every run shares; and the noise floor."""
-    rows, refs, noise = [], {}, None
+    an adapter), its seed, its FIGURES and its verdicts (each toy problem right or wrong, its completion scored again
+    by the official rule; None without completions); the settings every run shares; and the noise floor."""
+    rows, refs, noise, golds = [], {}, None, None
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
             s = json.load(f)
@@ -99,8 +101,15 @@ def study_runs(folder):
                for r in rows):
             sys.exit(f"report {folder}: {path} is a second run of {arm} with seed {train.get('seed')}: it would "
                      f"count twice")
+        verdicts = None
+        if s.get("completions") and s.get("data") == "toy" and s.get("rule") == "official":
+            golds = golds or eval_gsm8k.gold_answers(eval_gsm8k.load_data("toy", "test", ("answer",), s["total"]), "toy")
+            verdicts = [int(eval_gsm8k.is_correct(c, g)) for c, g in zip(s["completions"], golds, strict=True)]
+            if sum(verdicts) != s.get("correct"):  # the rule, or the problems, are not those the run was scored by
+                sys.exit(f"report {folder}: {path} says {s.get('correct')} right, but its completions score "
+                         f"{sum(verdicts)} by the official rule on the toy problems")
         rows.append({"run": os.path.relpath(path, folder), **{k: arm.get(k) for k in ARM}, "seed": train.get("seed"),
-                     **{k: s.get(k) for k in FIGURES}})
+                     **{k: s.get(k) for k in FIGURES}, "verdicts": verdicts})
         noise = noise or s.get("noise_floor")
         # Means over seeds, and comparisons between arms, mean something only when the runs differ in nothing else:
         # neither in training, but for their arm and seed, nor in scoring. The first run of each kind is the reference.
@@ -179,21 +188,32 @@ def matched(rows):
 def best_rates(rows, total):
     """Each swept method's best learning rate: the one with the highest mean held-out accuracy over its seeds (ties:
     the lower rate), with that mean ± the seeds' std, the binomial error of one score of `total` problems,
-    √(p(1 − p)/total), whether the rate is inner (the method also ran below and above it), and its ratio to LoRA's."""
+    √(p(1 − p)/total), whether the rate is inner (the method also ran below and above it), its ratio to LoRA's, and
+    (where the rows have verdicts) its accuracy minus LoRA's best, ± a standard error with both sources of noise:
+    the problems' sampling, paired (both score the same problems: std(d)/√total over d_i, the difference of the
+    problem's mean verdicts over the seeds), and the seeds' (std²/seeds of each mean; none from a single seed)."""
     usual, by = usual_targets(rows), {}  # method -> lr -> [accuracy]
     for r in rows:
         if r["method"] != "base" and r["target_modules"] == usual:
             by.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r["accuracy"])
     out = {}
-    for m, lrs in by.items():
+    for m, lrs in sorted(by.items(), key=lambda kv: milora.METHODS.index(kv[0])):
         if len(lrs) > 1:
             means = {lr: mean_std(a) for lr, a in lrs.items()}
             lr = max(sorted(means), key=lambda k: means[k][0])  # max keeps the first (lowest) of equal means
             p = means[lr][0]
             out[m] = {"lr": lr, "accuracy": p, "std": means[lr][1], "seeds": len(lrs[lr]),
                       "binomial": math.sqrt(p * (1 - p) / total), "inner": min(lrs) < lr < max(lrs)}
-    for b in out.values():
+    at_best = lambda m: [r.get("verdicts") for r in rows
+                         if (r["method"], r["lr"], r["target_modules"]) == (m, out[m]["lr"], usual)]
+    for m, b in out.items():
         b["over_lora"] = b["lr"] / out["lora"]["lr"] if "lora" in out else None
+        b["minus_lora"] = None
+        if "lora" in out and all(at_best(m) + at_best("lora")):
+            mine, lora = ([statistics.fmean(v) for v in zip(*at_best(k))] for k in (m, "lora"))  # per problem
+            d = [x - y for x, y in zip(mine, lora, strict=True)]
+            seeds = sum((x["std"] or 0) ** 2 / x["seeds"] for x in (b, out["lora"]))
+            b["minus_lora"] = (statistics.fmean(d), math.sqrt(statistics.variance(d) / len(d) + seeds))
     return out
 
 def cell(v, f):
@@ -205,10 +225,12 @@ def markdown(table, match=None, noise=None, best=None):
     lines = []
     if best:
         lines += ["| method | best lr | held-out accuracy there (± seeds' std, ± binomial) | seeds | inner | best lr / "
-                  "LoRA's |", "|---|---|---|---|---|---|"]
+                  "LoRA's | minus LoRA's best (± s.e.) |", "|---|---|---|---|---|---|---|"]
         ratio = lambda b: "" if b["over_lora"] is None else f"{b['over_lora']:.2g}×"
+        minus = lambda m, d: "" if d is None or m == "lora" else f"{d[0]:+.3f} ± {d[1]:.3f}"
         lines += [f"| {m} | {b['lr']:g} | {cell((b['accuracy'], b['std']), '.3f')} ± {b['binomial']:.3f} | "
-                  f"{b['seeds']} | {'yes' if b['inner'] else 'no'} | {ratio(b)} |" for m, b in best.items()]
+                  f"{b['seeds']} | {'yes' if b['inner'] else 'no'} | {ratio(b)} | {minus(m, b.get('minus_lora'))} |"
+                  for m, b in best.items()]
         lines += [""]
     lines += ["| arm | runs | " + " | ".join(title for title, _ in FIGURES.values()) + " |",
               "|---" * (len(FIGURES) + 2) + "|"]
@@ -275,6 +297,8 @@ def report(runs, out, plot_path):
     rows, settings, scoring, noise = study_runs(runs)
     table, match, best = arms(rows), matched(rows), best_rates(rows, scoring["total"])
     pair = lambda v: dict(zip(("mean", "std", "seeds"), v)) if isinstance(v, tuple) else v
+    for r in rows:
+        del r["verdicts"]  # 200 per run: best_rates' paired error has used them; the run files keep the completions
     result = {"settings": settings, "scoring": scoring, "best_rates": best,
               "arms": {a: {k: pair(v) for k, v in t.items()} for a, t in table.items()},
               "matched_accuracy": {m: {str(l): pair(v) for l, v in c.items()} if isinstance(c, dict) else c

@@ -15,6 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the project root, for milora and the scripts
 
 import analysis  # noqa: E402
+import eval_gsm8k  # noqa: E402
 import milora  # noqa: E402
 import run  # noqa: E402
 from test_milora import llama, tiny_dir, tiny_llama, train_a_little, trained  # noqa: E402,F401  (fixtures too)
@@ -181,9 +182,37 @@ def test_best_rates_by_hand():
     rows += [row("base", None, None, 0.1) | {"target_modules": None}]
     best = analysis.best_rates(rows, total=100)
     assert best["lora"] == pytest.approx({"lr": 3e-4, "accuracy": 0.6, "std": 0.1, "seeds": 3, "inner": True,
-                                          "binomial": math.sqrt(0.6 * 0.4 / 100), "over_lora": 1.0})
+                                          "binomial": math.sqrt(0.6 * 0.4 / 100), "over_lora": 1.0,
+                                          "minus_lora": None})  # no verdicts, no paired difference
     assert best["milora"]["lr"] == 1e-4 and not best["milora"]["inner"] and best["milora"]["over_lora"] == pytest.approx(1 / 3)
-    assert set(best) == {"lora", "milora"}
+    assert list(best) == ["lora", "milora"]  # milora.METHODS' order
+    # With each problem's verdict (4 problems): LoRA's best, 3e-4, has per-problem means (1, .5, .5, .5) over its two
+    # seeds (0.5 and 0.75), MiLoRA's, 1e-4, (1, 1, 1, 0) from one seed: d = (0, .5, .5, -.5), mean 0.125, and
+    # s.e.² = var(d)/4 (the problems) + 0.1768²/2 (LoRA's seeds; MiLoRA has one: nothing).
+    verdict = lambda method, lr, seed, v: row(method, lr, seed, sum(v) / 4) | {"verdicts": v}
+    rows = [verdict("lora", 1e-4, 1, [0, 0, 0, 0]), verdict("lora", 3e-4, 1, [1, 1, 0, 0]),
+            verdict("lora", 3e-4, 2, [1, 0, 1, 1]), verdict("lora", 1e-3, 1, [1, 0, 0, 0]),
+            verdict("milora", 1e-4, 1, [1, 1, 1, 0]), verdict("milora", 3e-4, 1, [0, 0, 0, 0])]
+    best = analysis.best_rates(rows, total=4)
+    d = [0, 0.5, 0.5, -0.5]
+    assert best["milora"]["minus_lora"] == pytest.approx(
+        (0.125, math.sqrt(sum((x - 0.125) ** 2 for x in d) / 3 / 4 + (0.25 / math.sqrt(2)) ** 2 / 2)))
+    assert best["lora"]["minus_lora"] == pytest.approx((0.0, (0.25 / math.sqrt(2)) * math.sqrt(2 / 2)))
+    assert "| milora | 0.0001 | 0.750 ± 0.217 | 1 | no | 0.33× | +0.125 ± 0.270 |" in analysis.markdown({}, best=best)
+
+
+def test_report_scores_every_completion_again_by_the_official_rule(tmp_path, capsys):
+    """The verdicts behind the paired error are the run's own: its completions, scored again, give its count."""
+    golds = eval_gsm8k.gold_answers(eval_gsm8k.load_data("toy", "test", ("answer",), 200), "toy")
+    said = [f"So it is {g}.\nThe answer is: {g}" for g in golds]
+    said[:10] = [f"The answer is {g}." for g in golds[:10]]  # no colon: the strict rule reads it, the official not
+    run_file(tmp_path / "lora-3e-4-1.json", "lora", completions=said, correct=190)
+    run_file(tmp_path / "lora-1e-3-1.json", "lora", lr=1e-3, completions=said, correct=190, accuracy=0.95)
+    best = analysis.report(str(tmp_path), str(tmp_path / "out"), str(tmp_path / "p.png"))["best_rates"]
+    assert best["lora"]["lr"] == 1e-3 and best["lora"]["minus_lora"] == (0.0, 0.0)  # itself
+    run_file(tmp_path / "lora-3e-4-1.json", "lora", completions=said, correct=200)
+    with pytest.raises(SystemExit, match="lora-3e-4-1.json says 200 right, but its completions score 190"):
+        analysis.report(str(tmp_path), str(tmp_path / "out"), str(tmp_path / "p.png"))
 
 
 def test_rates_off_the_grid_and_unknown_methods_are_refused(tmp_path):
