@@ -261,7 +261,7 @@ def plot(rows, table, path, ylabel="held-out accuracy"):
     except ImportError:
         print(f"no plot: {path} needs matplotlib (pip install matplotlib); the table is written without it")
         return None
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(10.5, 5.4), layout="constrained")
     curves = {}  # (method, targets) -> [(lr, arm)]
     for label, t in table.items():
         if t["method"] != "base" and "forgetting_kl" in t:
@@ -272,8 +272,10 @@ def plot(rows, table, path, ylabel="held-out accuracy"):
         x, y = [p["forgetting_kl"][0] for p in pts], [p["accuracy"][0] for p in pts]
         err = lambda k: [p[k][1] or 0 for p in pts]
         label = method if targets == usual else f"{method} on {targets}"
+        color = f"C{milora.METHODS.index(method) % 10}" if method in milora.METHODS else None  # a method's, always
         ax.errorbar(x, y, xerr=err("forgetting_kl"), yerr=err("accuracy"), marker="o" if targets == usual else "^",
-                    ls="-" if len(pts) > 1 else "none", capsize=2, label=label, mfc=None if targets == usual else "none")
+                    ls="-" if len(pts) > 1 else "none", capsize=2, label=label, color=color,
+                    mfc=None if targets == usual else "none")
         if len(pts) > 1:
             for lr, xi, yi in zip(sorted(lr for lr, _ in arms_), x, y):
                 ax.annotate(f"{lr:g}", (xi, yi), textcoords="offset points", xytext=(4, -9), fontsize=7)
@@ -284,7 +286,7 @@ def plot(rows, table, path, ylabel="held-out accuracy"):
     ax.margins(0.08)  # the axes fit the runs, with room for the labels
     ax.set_xlabel("forgetting: KL(p_base || p_ft) on held-out general text (log scale), lower is better")
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    fig.legend(fontsize=8, loc="outside right upper")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
