@@ -90,7 +90,7 @@ def study_runs(folder):
     """-> (rows, settings, scoring, noise): a row per run, from every folder/*.json (run.py's run files), with the arm
     it was trained in (method, lr, target_modules from train_math.py's args.json; method 'base' for the model without
     an adapter), its seed, its FIGURES and its verdicts (each toy problem right or wrong, its completion scored again
-    by the official rule; None without completions); the settings every run shares; and the noise floor."""
+    by the run's rule; None without completions); the settings every run shares; and the noise floor."""
     rows, refs, noise, golds = [], {}, None, None
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
@@ -101,16 +101,6 @@ def study_runs(folder):
                for r in rows):
             sys.exit(f"report {folder}: {path} is a second run of {arm} with seed {train.get('seed')}: it would "
                      f"count twice")
-        verdicts = None
-        if s.get("completions") and s.get("data") == "toy" and s.get("rule") == "official":
-            golds = golds or eval_gsm8k.gold_answers(eval_gsm8k.load_data("toy", "test", ("answer",), s["total"]), "toy")
-            verdicts = [int(eval_gsm8k.is_correct(c, g)) for c, g in zip(s["completions"], golds, strict=True)]
-            if sum(verdicts) != s.get("correct"):  # the rule, or the problems, are not those the run was scored by
-                sys.exit(f"report {folder}: {path} says {s.get('correct')} right, but its completions score "
-                         f"{sum(verdicts)} by the official rule on the toy problems")
-        rows.append({"run": os.path.relpath(path, folder), **{k: arm.get(k) for k in ARM}, "seed": train.get("seed"),
-                     **{k: s.get(k) for k in FIGURES}, "verdicts": verdicts})
-        noise = noise or s.get("noise_floor")
         # Means over seeds, and comparisons between arms, mean something only when the runs differ in nothing else:
         # neither in training, but for their arm and seed, nor in scoring. The first run of each kind is the reference.
         checks = [("scored", "all", {k: s.get(k) for k in STUDY_EVAL})]
@@ -123,6 +113,17 @@ def study_runs(folder):
                         if ref.get(k) != mine.get(k)]:
                 sys.exit(f"report {folder}: {path} was {what} differently from the runs before it "
                          f"({', '.join(diff)}): keep each experiment in a folder of its own")
+        verdicts = None  # every run is scored alike (checked above): the same problems, the same rule
+        if s.get("completions") and s.get("data") == "toy":
+            golds = golds or eval_gsm8k.gold_answers(eval_gsm8k.load_data("toy", "test", ("answer",), s["total"]),
+                                                     "toy", s["rule"])
+            verdicts = [int(eval_gsm8k.RULES[s["rule"]][2](c, g)) for c, g in zip(s["completions"], golds, strict=True)]
+            if sum(verdicts) != s.get("correct"):  # the rule, or the problems, are not those the run was scored by
+                sys.exit(f"report {folder}: {path} says {s.get('correct')} right, but its completions score "
+                         f"{sum(verdicts)} by the {s['rule']} rule on the toy problems")
+        rows.append({"run": os.path.relpath(path, folder), **{k: arm.get(k) for k in ARM}, "seed": train.get("seed"),
+                     **{k: s.get(k) for k in FIGURES}, "verdicts": verdicts})
+        noise = noise or s.get("noise_floor")
     if not rows:
         sys.exit(f"report {folder}: no run files (*.json) in it")
     return rows, refs.get("train", {}), refs["all"], noise

@@ -198,7 +198,8 @@ def test_best_rates_by_hand():
     assert best["milora"]["minus_lora"] == pytest.approx(
         (0.125, math.sqrt(sum((x - 0.125) ** 2 for x in d) / 3 / 4 + (0.25 / math.sqrt(2)) ** 2 / 2)))
     assert best["lora"]["minus_lora"] == pytest.approx((0.0, (0.25 / math.sqrt(2)) * math.sqrt(2 / 2)))
-    assert "| milora | 0.0001 | 0.750 ± 0.217 | 1 | no | 0.33× | +0.125 ± 0.270 |" in analysis.markdown({}, best=best)
+    table = analysis.markdown({}, best=best)
+    assert "| milora | 0.0001 | 0.750 ± 0.217 | 1 | no | 0.33× | +0.125 ± 0.270 |" in table
 
 
 def test_report_scores_every_completion_again_by_the_official_rule(tmp_path, capsys):
@@ -211,8 +212,13 @@ def test_report_scores_every_completion_again_by_the_official_rule(tmp_path, cap
     best = analysis.report(str(tmp_path), str(tmp_path / "out"), str(tmp_path / "p.png"))["best_rates"]
     assert best["lora"]["lr"] == 1e-3 and best["lora"]["minus_lora"] == (0.0, 0.0)  # itself
     run_file(tmp_path / "lora-3e-4-1.json", "lora", completions=said, correct=200)
-    with pytest.raises(SystemExit, match="lora-3e-4-1.json says 200 right, but its completions score 190"):
+    with pytest.raises(SystemExit, match="lora-3e-4-1.json says 200 right, but its completions score 190 by the "
+                                         "official rule"):
         analysis.report(str(tmp_path), str(tmp_path / "out"), str(tmp_path / "p.png"))
+    for lr in (3e-4, 1e-3):  # runs scored by the strict rule are scored again by it: all 200 right
+        run_file(tmp_path / (run.run_name("lora", lr, 1) + ".json"), "lora", lr=lr, completions=said, correct=200,
+                 rule="strict")
+    analysis.report(str(tmp_path), str(tmp_path / "out"), str(tmp_path / "p.png"))
 
 
 def test_rates_off_the_grid_and_unknown_methods_are_refused(tmp_path):
