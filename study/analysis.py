@@ -90,7 +90,8 @@ def study_runs(folder):
     """-> (rows, settings, scoring, noise): a row per run, from every folder/*.json (run.py's run files), with the arm
     it was trained in (method, lr, target_modules from train_math.py's args.json; method 'base' for the model without
     an adapter), its seed, its FIGURES and its verdicts (each toy problem right or wrong, its completion scored again
-    by the run's rule; None without completions); the settings every run shares; and the noise floor."""
+    by the run's rule, which must give its count; None without completions, or on data other than toy); the settings
+    every run shares; and the noise floor."""
     rows, refs, noise, golds = [], {}, None, None
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
@@ -118,9 +119,10 @@ def study_runs(folder):
             golds = golds or eval_gsm8k.gold_answers(eval_gsm8k.load_data("toy", "test", ("answer",), s["total"]),
                                                      "toy", s["rule"])
             verdicts = [int(eval_gsm8k.RULES[s["rule"]][2](c, g)) for c, g in zip(s["completions"], golds, strict=True)]
-            if sum(verdicts) != s.get("correct"):  # the rule, or the problems, are not those the run was scored by
-                sys.exit(f"report {folder}: {path} says {s.get('correct')} right, but its completions score "
-                         f"{sum(verdicts)} by the {s['rule']} rule on the toy problems")
+            if sum(verdicts) != s.get("correct") or s["accuracy"] != s.get("correct") / s["total"]:
+                sys.exit(f"report {folder}: {path} says {s.get('correct')} right (accuracy {s['accuracy']}), but "
+                         f"its completions score {sum(verdicts)} of {s['total']} by the {s['rule']} rule on the toy "
+                         f"problems")
         rows.append({"run": os.path.relpath(path, folder), **{k: arm.get(k) for k in ARM}, "seed": train.get("seed"),
                      **{k: s.get(k) for k in FIGURES}, "verdicts": verdicts})
         noise = noise or s.get("noise_floor")
@@ -190,15 +192,19 @@ def best_rates(rows, total):
     """Each swept method's best learning rate: the one with the highest mean held-out accuracy over its seeds (ties:
     the lower rate), with that mean ± the seeds' std, the binomial error of one score of `total` problems,
     √(p(1 − p)/total), whether the rate is inner (the method also ran below and above it), its ratio to LoRA's, and
-    (where the rows have verdicts) its accuracy minus LoRA's best, ± a standard error with both sources of noise:
-    the problems' sampling, paired (both score the same problems: std(d)/√total over d_i, the difference of the
-    problem's mean verdicts over the seeds), and the seeds' (std²/seeds of each mean; none from a single seed)."""
+    (where the rows have verdicts) its accuracy minus LoRA's best, ± a standard error over problems × seeds. Both score
+    the same problems, so the difference is paired: d_i, the difference of problem i's mean verdicts over the seeds,
+    gives var(d)/n, which holds the problems' sampling and each seed's flips on single problems. The seeds' variance
+    beyond those flips, a shift a seed gives every problem at once, adds max(0, s² − w/n)/seeds for each method (s² the
+    variance of its seeds' accuracies, w the mean over problems of each one's variance over the seeds; 0 for a single
+    seed). LoRA's own entry is None."""
     usual, by = usual_targets(rows), {}  # method -> lr -> [accuracy]
     for r in rows:
         if r["method"] != "base" and r["target_modules"] == usual:
             by.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r["accuracy"])
     out = {}
-    for m, lrs in sorted(by.items(), key=lambda kv: milora.METHODS.index(kv[0])):
+    order = lambda m: milora.METHODS.index(m) if m in milora.METHODS else len(milora.METHODS)
+    for m, lrs in sorted(by.items(), key=lambda kv: order(kv[0])):
         if len(lrs) > 1:
             means = {lr: mean_std(a) for lr, a in lrs.items()}
             lr = max(sorted(means), key=lambda k: means[k][0])  # max keeps the first (lowest) of equal means
@@ -207,30 +213,37 @@ def best_rates(rows, total):
                       "binomial": math.sqrt(p * (1 - p) / total), "inner": min(lrs) < lr < max(lrs)}
     at_best = lambda m: [r.get("verdicts") for r in rows
                          if (r["method"], r["lr"], r["target_modules"]) == (m, out[m]["lr"], usual)]
+    def shared_shift(v):  # seeds × problems verdicts -> the variance of their mean that a seed adds to every problem
+        if len(v) < 2:
+            return 0.0
+        flips = statistics.fmean(statistics.variance(p) for p in zip(*v))  # w: each problem's variance over seeds
+        return max(0.0, statistics.variance([statistics.fmean(s) for s in v]) - flips / len(v[0])) / len(v)
     for m, b in out.items():
         b["over_lora"] = b["lr"] / out["lora"]["lr"] if "lora" in out else None
         b["minus_lora"] = None
-        if "lora" in out and all(at_best(m) + at_best("lora")):
-            mine, lora = ([statistics.fmean(v) for v in zip(*at_best(k))] for k in (m, "lora"))  # per problem
+        if "lora" in out and m != "lora" and all(at_best(m) + at_best("lora")):
+            mine, lora = ([statistics.fmean(p) for p in zip(*at_best(k))] for k in (m, "lora"))  # per problem
             d = [x - y for x, y in zip(mine, lora, strict=True)]
-            seeds = sum((x["std"] or 0) ** 2 / x["seeds"] for x in (b, out["lora"]))
-            b["minus_lora"] = (statistics.fmean(d), math.sqrt(statistics.variance(d) / len(d) + seeds))
+            b["minus_lora"] = (statistics.fmean(d), math.sqrt(
+                statistics.variance(d) / len(d) + shared_shift(at_best(m)) + shared_shift(at_best("lora"))))
     return out
 
 def cell(v, f):
     return "" if v is None else f"{v[0]:{f}}" + ("" if v[1] is None else f" ± {v[1]:{f}}")
 
 def markdown(table, match=None, noise=None, best=None):
-    """The study's tables: each swept method's best rate; every arm with every figure; each swept method's forgetting
-    at matched accuracy; and where the chosen triplets' σ sit against the quantisation noise, by module type."""
+    """The study's tables: each swept method's best rate (and its accuracy minus LoRA's); every arm with every figure;
+    each swept method's forgetting at matched accuracy; and where the chosen triplets' σ sit against the quantisation
+    noise, by module type."""
     lines = []
     if best:
         lines += ["| method | best lr | held-out accuracy there (± seeds' std, ± binomial) | seeds | inner | best lr / "
                   "LoRA's | minus LoRA's best (± s.e.) |", "|---|---|---|---|---|---|---|"]
         ratio = lambda b: "" if b["over_lora"] is None else f"{b['over_lora']:.2g}×"
-        minus = lambda m, d: "" if d is None or m == "lora" else f"{d[0]:+.3f} ± {d[1]:.3f}"
-        lines += [f"| {m} | {b['lr']:g} | {cell((b['accuracy'], b['std']), '.3f')} ± {b['binomial']:.3f} | "
-                  f"{b['seeds']} | {'yes' if b['inner'] else 'no'} | {ratio(b)} | {minus(m, b.get('minus_lora'))} |"
+        minus = lambda d: "" if d is None else f"{d[0]:+.3f} ± {d[1]:.3f}"
+        std = lambda b: "–" if b["std"] is None else f"{b['std']:.3f}"  # one seed: no spread
+        lines += [f"| {m} | {b['lr']:g} | {b['accuracy']:.3f} ± {std(b)} ± {b['binomial']:.3f} | {b['seeds']} | "
+                  f"{'yes' if b['inner'] else 'no'} | {ratio(b)} | {minus(b.get('minus_lora'))} |"
                   for m, b in best.items()]
         lines += [""]
     lines += ["| arm | runs | " + " | ".join(title for title, _ in FIGURES.values()) + " |",
@@ -253,8 +266,8 @@ def markdown(table, match=None, noise=None, best=None):
 
 def plot(rows, table, path, ylabel="held-out accuracy"):
     """Held-out accuracy against forgetting: a curve per method through its learning rates (means, with the seeds'
-    std as error bars), lone arms as points. Needs matplotlib (pip install matplotlib), the one package only this
-    step uses: without it, no plot."""
+    std as error bars), lone arms as points, the base model as a dotted line. Needs matplotlib (pip install
+    matplotlib), the one package only this step uses: without it, no plot."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display

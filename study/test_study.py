@@ -4,6 +4,7 @@ size, resumed. Run with the rest: pytest -q test_milora.py study/
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -187,38 +188,52 @@ def test_best_rates_by_hand():
     assert best["milora"]["lr"] == 1e-4 and not best["milora"]["inner"] and best["milora"]["over_lora"] == pytest.approx(1 / 3)
     assert list(best) == ["lora", "milora"]  # milora.METHODS' order
     # With each problem's verdict (4 problems): LoRA's best, 3e-4, has per-problem means (1, .5, .5, .5) over its two
-    # seeds (0.5 and 0.75), MiLoRA's, 1e-4, (1, 1, 1, 0) from one seed: d = (0, .5, .5, -.5), mean 0.125, and
-    # s.e.² = var(d)/4 (the problems) + 0.1768²/2 (LoRA's seeds; MiLoRA has one: nothing).
+    # seeds (0.5 and 0.75), MiLoRA's, 1e-4, (1, 1, 1, 0) from one seed: d = (0, .5, .5, -.5), mean 0.125, s.e.² =
+    # var(d)/4. LoRA's seeds add no shared shift: their accuracies' variance, 0.03125, is below what the flips on
+    # single problems give, w/n = mean(0, .5, .5, .5)/4. PiSSA's two seeds, all right and all wrong, are one shift:
+    # s² = 0.5, w = 0.5, so (0.5 - 0.5/4)/2 joins the s.e.² of d = (-.5, 0, 0, 0).
     verdict = lambda method, lr, seed, v: row(method, lr, seed, sum(v) / 4) | {"verdicts": v}
     rows = [verdict("lora", 1e-4, 1, [0, 0, 0, 0]), verdict("lora", 3e-4, 1, [1, 1, 0, 0]),
             verdict("lora", 3e-4, 2, [1, 0, 1, 1]), verdict("lora", 1e-3, 1, [1, 0, 0, 0]),
-            verdict("milora", 1e-4, 1, [1, 1, 1, 0]), verdict("milora", 3e-4, 1, [0, 0, 0, 0])]
+            verdict("milora", 1e-4, 1, [1, 1, 1, 0]), verdict("milora", 3e-4, 1, [0, 0, 0, 0]),
+            verdict("pissa", 1e-4, 1, [1, 1, 1, 1]), verdict("pissa", 1e-4, 2, [0, 0, 0, 0]),
+            verdict("pissa", 3e-4, 1, [0, 0, 0, 0])]
     best = analysis.best_rates(rows, total=4)
-    d = [0, 0.5, 0.5, -0.5]
-    assert best["milora"]["minus_lora"] == pytest.approx(
-        (0.125, math.sqrt(sum((x - 0.125) ** 2 for x in d) / 3 / 4 + (0.25 / math.sqrt(2)) ** 2 / 2)))
-    assert best["lora"]["minus_lora"] == pytest.approx((0.0, (0.25 / math.sqrt(2)) * math.sqrt(2 / 2)))
+    var = lambda d: statistics.variance(d)
+    assert best["milora"]["minus_lora"] == pytest.approx((0.125, math.sqrt(var([0, 0.5, 0.5, -0.5]) / 4)))
+    assert best["pissa"]["minus_lora"] == pytest.approx(
+        (-0.125, math.sqrt(var([-0.5, 0, 0, 0]) / 4 + (0.5 - 0.5 / 4) / 2)))
+    assert best["lora"]["minus_lora"] is None  # LoRA against itself: no comparison
     table = analysis.markdown({}, best=best)
-    assert "| milora | 0.0001 | 0.750 ± 0.217 | 1 | no | 0.33× | +0.125 ± 0.270 |" in table
+    assert "| milora | 0.0001 | 0.750 ± – ± 0.217 | 1 | no | 0.33× | +0.125 ± 0.239 |" in table  # one seed: no std
+    assert "| lora | 0.0003 | 0.625 ± 0.177 ± 0.242 | 2 | yes | 1× |  |" in table
 
 
-def test_report_scores_every_completion_again_by_the_official_rule(tmp_path, capsys):
+def test_report_scores_every_completion_again_by_the_official_rule(tmp_path):
     """The verdicts behind the paired error are the run's own: its completions, scored again, give its count."""
     golds = eval_gsm8k.gold_answers(eval_gsm8k.load_data("toy", "test", ("answer",), 200), "toy")
-    said = [f"So it is {g}.\nThe answer is: {g}" for g in golds]
-    said[:10] = [f"The answer is {g}." for g in golds[:10]]  # no colon: the strict rule reads it, the official not
-    run_file(tmp_path / "lora-3e-4-1.json", "lora", completions=said, correct=190)
-    run_file(tmp_path / "lora-1e-3-1.json", "lora", lr=1e-3, completions=said, correct=190, accuracy=0.95)
-    best = analysis.report(str(tmp_path), str(tmp_path / "out"), str(tmp_path / "p.png"))["best_rates"]
-    assert best["lora"]["lr"] == 1e-3 and best["lora"]["minus_lora"] == (0.0, 0.0)  # itself
-    run_file(tmp_path / "lora-3e-4-1.json", "lora", completions=said, correct=200)
-    with pytest.raises(SystemExit, match="lora-3e-4-1.json says 200 right, but its completions score 190 by the "
-                                         "official rule"):
-        analysis.report(str(tmp_path), str(tmp_path / "out"), str(tmp_path / "p.png"))
-    for lr in (3e-4, 1e-3):  # runs scored by the strict rule are scored again by it: all 200 right
-        run_file(tmp_path / (run.run_name("lora", lr, 1) + ".json"), "lora", lr=lr, completions=said, correct=200,
-                 rule="strict")
-    analysis.report(str(tmp_path), str(tmp_path / "out"), str(tmp_path / "p.png"))
+    right = [f"So it is {g}.\nThe answer is: {g}" for g in golds]
+    said = [f"The answer is {g}." for g in golds[:10]] + right[10:]  # no colon: strict reads it, official not
+    report = lambda: analysis.report(str(tmp_path), str(tmp_path / "out"), str(tmp_path / "p.png"))
+    for method, lr, completions, correct in (("lora", 3e-4, said, 190), ("lora", 1e-3, said, 190),
+                                             ("milora", 3e-4, right, 200),
+                                             ("milora", 1e-3, said, 190)):
+        run_file(tmp_path / (run.run_name(method, lr, 1) + ".json"), method, lr=lr, completions=completions,
+                 correct=correct, accuracy=correct / 200)
+    best = report()["best_rates"]
+    # MiLoRA at 3e-4 gets the 10 problems LoRA (3e-4, the lower of two equal rates) misses: d is 1 on 10 of 200.
+    d = [1] * 10 + [0] * 190
+    assert best["milora"]["minus_lora"] == pytest.approx((0.05, math.sqrt(statistics.variance(d) / 200)))
+    assert best["lora"]["lr"] == 3e-4 and best["lora"]["minus_lora"] is None
+    for correct, accuracy in ((200, 1.0), (190, 0.25)):  # a count, or an accuracy, that the completions don't give
+        run_file(tmp_path / "lora-3e-4-1.json", "lora", completions=said, correct=correct, accuracy=accuracy)
+        with pytest.raises(SystemExit, match=rf"lora-3e-4-1.json says {correct} right \(accuracy {accuracy}\), but "
+                                             "its completions score 190 of 200 by the official rule"):
+            report()
+    for method, lr in (("lora", 3e-4), ("lora", 1e-3), ("milora", 3e-4), ("milora", 1e-3)):
+        run_file(tmp_path / (run.run_name(method, lr, 1) + ".json"), method, lr=lr, completions=said, correct=200,
+                 accuracy=1.0, rule="strict")  # scored by the strict rule, they are scored again by it: all right
+    assert report()["best_rates"]["milora"]["minus_lora"] == (0.0, 0.0)
 
 
 def test_rates_off_the_grid_and_unknown_methods_are_refused(tmp_path):
