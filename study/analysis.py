@@ -211,8 +211,8 @@ def best_rates(rows, total):
             p = means[lr][0]
             out[m] = {"lr": lr, "accuracy": p, "std": means[lr][1], "seeds": len(lrs[lr]),
                       "binomial": math.sqrt(p * (1 - p) / total), "inner": min(lrs) < lr < max(lrs)}
-    at_best = lambda m: [r.get("verdicts") for r in rows
-                         if (r["method"], r["lr"], r["target_modules"]) == (m, out[m]["lr"], usual)]
+    at_best = {m: [r.get("verdicts") for r in rows  # each method's verdicts at its best rate, a list per seed
+                   if (r["method"], r["lr"], r["target_modules"]) == (m, b["lr"], usual)] for m, b in out.items()}
     def shared_shift(v):  # seeds × problems verdicts -> the variance of their mean that a seed adds to every problem
         if len(v) < 2:
             return 0.0
@@ -221,11 +221,11 @@ def best_rates(rows, total):
     for m, b in out.items():
         b["over_lora"] = b["lr"] / out["lora"]["lr"] if "lora" in out else None
         b["minus_lora"] = None
-        if "lora" in out and m != "lora" and all(at_best(m) + at_best("lora")):
-            mine, lora = ([statistics.fmean(p) for p in zip(*at_best(k))] for k in (m, "lora"))  # per problem
+        if "lora" in out and m != "lora" and all(at_best[m] + at_best["lora"]):
+            mine, lora = ([statistics.fmean(p) for p in zip(*at_best[k])] for k in (m, "lora"))  # per problem
             d = [x - y for x, y in zip(mine, lora, strict=True)]
             b["minus_lora"] = (statistics.fmean(d), math.sqrt(
-                statistics.variance(d) / len(d) + shared_shift(at_best(m)) + shared_shift(at_best("lora"))))
+                statistics.variance(d) / len(d) + shared_shift(at_best[m]) + shared_shift(at_best["lora"])))
     return out
 
 def cell(v, f):
