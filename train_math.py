@@ -169,7 +169,8 @@ def parse_args(argv):
                    help="global batch, over all processes and accumulation (paper: 16)")
     p.add_argument("--per_device_batch_size", type=int, help="default: batch_size / world size (no accumulation)")
     p.add_argument("--max_len", type=int, default=2048, help="truncate training sequences to this many tokens")
-    p.add_argument("--target_modules", default="q_proj,k_proj,v_proj,up_proj,down_proj", help="comma-separated")
+    p.add_argument("--target_modules", default="q_proj,k_proj,v_proj,up_proj,down_proj",
+                   help="comma-separated names, or all-linear")
     p.add_argument("--output_dir", default="out-math", help="adapter/, args.json, checkpoint-*/, merged/")
     p.add_argument("--save_steps", type=int, default=500, help="checkpoint every N steps (the last 2 are kept)")
     p.add_argument("--logging_steps", type=int, default=10, help="log the loss every N steps")
@@ -198,7 +199,7 @@ def parse_args(argv):
                  eval_limit=(lambda v: v >= 0, "at least 0 (0 skips the held-out score)"),
                  eval_max_new_tokens=AT_LEAST_1, eval_batch_size=AT_LEAST_1)
     try:  # --method, --rank, --alpha, --dropout and --target_modules, by apply_adapters' own check, before any load
-        milora.check_args(args.method, args.rank, args.alpha, args.dropout, args.target_modules.split(","))
+        milora.check_args(args.method, args.rank, args.alpha, args.dropout, target_list(args.target_modules))
     except ValueError as e:
         sys.exit(f"cannot apply {args.method}: {e}")
     args.deepspeed_config = deepspeed_config(args.deepspeed) if args.deepspeed else None
@@ -212,6 +213,10 @@ def parse_args(argv):
     if args.resume and args.overwrite:
         sys.exit("--resume continues the run in --output_dir, --overwrite replaces it: give one of them")
     return args
+
+def target_list(text):
+    """--target_modules as apply_adapters takes it: 'all-linear', or a tuple of names."""
+    return text if text.lower() == "all-linear" else tuple(text.split(","))
 
 DEEPSPEED = {"zero2": {"zero_optimization": {"stage": 2}}, "zero3": {"zero_optimization": {"stage": 3}}}
 SCRIPT_FIELDS = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
@@ -330,11 +335,11 @@ def main(argv=None):
     t0 = time.time()
     try:
         milora.apply_adapters(model, args.method, r=args.rank, alpha=args.alpha, dropout=args.dropout,
-                              target_modules=tuple(args.target_modules.split(",")), init_state=init_state,
+                              target_modules=target_list(args.target_modules), init_state=init_state,
                               gather=lambda weight: gathered(model, [weight]))
     except (ValueError, TypeError) as e:
         sys.exit(f"cannot apply {args.method} with --rank {args.rank} to {args.model}: {e}")
-    if args.method in (*milora.PARTS, "mica"):  # the methods that decompose
+    if args.method in milora.DECOMPOSING:
         n = len(milora.adapter_layers(model))
         print(f"init: decomposed {0 if checkpoint else len(milora.process_share(n))} of {n} layers in "
               f"{time.time() - t0:.1f} s (rank {training_args.process_index} of {training_args.world_size})")

@@ -1,6 +1,7 @@
 """
-The study's measures and its report: the paper's section 5 on each trained adapter (analysis), the Q4_1 checkpoint's
-rounding noise (quantisation_steps), and the tables and plot that summarise every run (report). run.py runs it.
+The study's measures and its report: the paper's section 5 analyses (subspace_similarity, delta_analysis) on each
+trained adapter (analysis), the Q4_1 checkpoint's rounding noise (quantisation_steps), and the tables and plot that
+summarise every run (report). run.py runs it.
 """
 import csv, glob, json, math, os, re, statistics, sys
 
@@ -11,7 +12,7 @@ import eval_gsm8k
 import milora
 from train_math import FREE_SETTINGS
 
-PHI = ("phi_principal", "phi_minor", "phi_random")  # φ of ΔW's top singular vectors to W's (milora.delta_analysis)
+PHI = ("phi_principal", "phi_minor", "phi_random")  # φ of ΔW's top singular vectors to W's (delta_analysis)
 GGUF_MODULES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                 "ffn_down": "mlp.down_proj"}  # llama.cpp's tensor names -> transformers' module names
@@ -31,9 +32,38 @@ def quantisation_steps(path):
             steps[f"model.layers.{m.group(1)}.{GGUF_MODULES[m.group(2)]}"] = float(np.sqrt(np.mean(d.astype(float) ** 2)))
     return steps
 
+# The paper's analyses (section 5 and appendix A.1) ------------------------------------------------------------------
+
+def subspace_similarity(U1, U2):
+    """φ = ‖U1ᵀU2‖²_F / r for column-orthonormal d×r bases, r the smaller (appendix A.1): 1 = same span, 0 = none."""
+    return ((U1.double().T @ U2.double()).square().sum() / min(U1.shape[1], U2.shape[1])).item()
+
+def delta_analysis(delta_w, w, r, generator=None):
+    """The paper's section 5 on one update ΔW of a pretrained W (both out×in), in float64 on the CPU:
+      w_proj, dw_proj, amplification   Table 7: ‖UᵀW V‖_F, ‖UᵀΔW V‖_F and their ratio, U and V ΔW's top r
+      phi_principal, phi_minor, phi_random   Figure 2: φ of ΔW's top-r left singular vectors to W's r largest,
+        r smallest and r random ones (appendix A.1; NaN if ΔW's rank is below r), and phi_..._right of the right ones
+      sigma_principal, sigma_minor     W's r-th largest and r-th smallest σ: where PiSSA's and MiLoRA's r end"""
+    dW, W = delta_w.detach().double().cpu(), w.detach().double().cpu()
+    k = min(W.shape)  # how many singular triplets W has
+    if not 1 <= r <= k:
+        raise ValueError(f"r must be in [1, {k}] for a {W.shape[0]}×{W.shape[1]} weight, got {r}")
+    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    U, S, V = U[:, :r], S[:r], Vh[:r].T  # out×r, r, in×r
+    out = {"w_proj": (U.T @ W @ V).norm().item(), "dw_proj": S.norm().item()}  # ‖UᵀΔW V‖_F = ‖diag(S)‖_F
+    out["amplification"] = out["dw_proj"] / out["w_proj"] if out["w_proj"] else math.inf
+    Uw, Sw, Vhw = torch.linalg.svd(W, full_matrices=False)  # W's triplets, σ descending
+    out["sigma_principal"], out["sigma_minor"] = Sw[r - 1].item(), Sw[k - r].item()
+    rank_r = S[-1] > S[0] * k * torch.finfo(torch.float64).eps
+    for name, method in (("principal", "pissa"), ("minor", "milora"), ("random", "random")):
+        idx = milora.triplet_indices(k, r, method, generator)  # the methods' rule; random: other picks
+        out[f"phi_{name}"] = subspace_similarity(U, Uw[:, idx]) if rank_r else math.nan
+        out[f"phi_{name}_right"] = subspace_similarity(V, Vhw[idx].T) if rank_r else math.nan
+    return out
+
 @torch.no_grad()
 def analysis(model, r, steps=None):
-    """milora.delta_analysis of every adapted matrix: Table 7's figures for the middle layer's q_proj (the paper's
+    """delta_analysis of every adapted matrix: Table 7's figures for the middle layer's q_proj (the paper's
     choice, after Hu et al.) and down_proj (its Table 14); the amplification and φ averaged over every matrix and,
     as in Figure 2's right panel, over each module type; and each matrix's own figures under "layers".
     With `steps` (quantisation_steps of the checkpoint) it also places the chosen triplets against the rounding noise:
@@ -46,7 +76,7 @@ def analysis(model, r, steps=None):
     generator = torch.Generator().manual_seed(0)  # W's random triplets: the same in every run
     per = {}
     for n, m in tqdm(layers, desc="analysis", unit="matrix"):
-        per[n] = milora.delta_analysis(m.delta_weight(torch.float64), m.base_layer.weight, r, generator=generator)
+        per[n] = delta_analysis(m.delta_weight(torch.float64), m.base_layer.weight, r, generator=generator)
         if steps and n in steps:
             noise = math.sqrt(steps[n] ** 2 / 12) * math.sqrt(max(m.base_layer.weight.shape))
             per[n].update(noise_sigma=noise, minor_over_noise=per[n]["sigma_minor"] / noise,

@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 import eval_gsm8k  # noqa: E402
 import milora  # noqa: E402
+import analysis  # noqa: E402  (study/, beside this script)
 
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -49,7 +50,7 @@ def side_by_side(sides, repeats):
 
 def bench_init(Ws, label, r=64, repeats=3):
     """Matrix by matrix, so that a change in the machine's load (seconds long on a shared host) hits both sides alike."""
-    split = lambda W, fast: lambda: milora.svd_factors(W, r, "minor", fast=fast)
+    split = lambda W, fast: lambda: milora.svd_factors(W, r, "milora", fast=fast)
     best = [side_by_side({"full": split(W, False), "ours": split(W, True)}, repeats) for W in Ws.values()]
     full, ours = (sum(b[k] for b in best) for k in ("full", "ours"))
     print(f"init {label} ({len(Ws)} matrices, r={r}): full float32 SVD {full:.2f} s, milora {ours:.2f} s "
@@ -61,7 +62,7 @@ def accuracy(Ws):
     f32 = {n: torch.linalg.svd(W, full_matrices=False) for n, W in Ws.items()}
     print("| part | r | block error: ours | float32 SVD | matrices over 2× float32 SVD's (and 1e-5) | 1 − φ: ours | "
           "float32 SVD | σ error / σmax: ours | float32 SVD |\n|---|---|---|---|---|---|---|---|---|")
-    for part in ("minor", "principal", "middle"):
+    for part in ("milora", "pissa", "middle"):
         for r in (8, 16, 64):
             worst, over = {}, 0
             for n, W in Ws.items():
@@ -77,7 +78,7 @@ def accuracy(Ws):
                     # σ of B A: B = Q₁R₁ and Aᵀ = Q₂R₂ give B A = Q₁ (R₁R₂ᵀ) Q₂ᵀ, whose σ are the r×r core's
                     sig = torch.linalg.svdvals(torch.linalg.qr(Ub)[1] @ torch.linalg.qr(Vb.T)[1].T) if Sb is None else Sb
                     errs[who] = ((BA - block).norm() / block.norm()).item(), \
-                        1 - milora.subspace_similarity(torch.linalg.qr(Ub)[0], U[:, idx]), \
+                        1 - analysis.subspace_similarity(torch.linalg.qr(Ub)[0], U[:, idx]), \
                         ((sig.sort(descending=True).values - S[idx]).abs().max() / S[0]).item()
                 over += errs["ours"][0] > max(2 * errs["f32"][0], 1e-5)
                 for who, e in errs.items():

@@ -19,12 +19,70 @@ import analysis  # noqa: E402
 import eval_gsm8k  # noqa: E402
 import milora  # noqa: E402
 import run  # noqa: E402
-from test_milora import llama, tiny_dir, tiny_llama, train_a_little, trained  # noqa: E402,F401  (fixtures too)
+from test_milora import llama, spectrum_matrix, tiny_dir, tiny_llama, train_a_little, trained  # noqa: E402,F401
 
 
 @pytest.fixture(autouse=True)
 def _in_an_empty_directory(tmp_path_factory, monkeypatch):
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+def test_subspace_similarity():
+    Q = torch.linalg.qr(torch.randn(50, 10))[0]
+    assert analysis.subspace_similarity(Q, Q) == pytest.approx(1.0)
+    rot = torch.linalg.qr(torch.randn(10, 10))[0]
+    assert analysis.subspace_similarity(Q, Q @ rot) == pytest.approx(1.0)  # a basis of the same subspace
+    assert analysis.subspace_similarity(Q[:, :5], Q[:, 5:]) == pytest.approx(0.0, abs=1e-12)
+    assert analysis.subspace_similarity(Q[:, :4], Q[:, :8]) == pytest.approx(1.0)  # normalised by the smaller r
+
+
+def test_amplification_factor():
+    W = spectrum_matrix(40, 30)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    # A ΔW along W's 10th triplet: UᵀΔWV = c, UᵀWV = σ₁₀, so the factor is c/σ₁₀.
+    dW = 2.5 * torch.outer(U[:, 9], Vh[9])
+    assert analysis.delta_analysis(dW, W, r=1)["amplification"] == pytest.approx(2.5 / S[9].item(), rel=1e-9)
+    # Along W's own principal directions the factor is |ΔW| / |W restricted there|.
+    dW = 0.1 * (U[:, :3] * S[:3]) @ Vh[:3]
+    assert analysis.delta_analysis(dW, W, r=3)["amplification"] == pytest.approx(0.1, rel=1e-9)
+
+
+def test_delta_analysis_by_hand():
+    # W = diag(4, 3, 2, 1) in a 4×6 matrix; a ΔW along W's smallest triplet, then along its largest.
+    W = torch.zeros(4, 6, dtype=torch.float64)
+    W[range(4), range(4)] = torch.tensor([4.0, 3, 2, 1], dtype=torch.float64)
+    e = lambda n, i: torch.eye(n, dtype=torch.float64)[i]
+    minor = analysis.delta_analysis(0.5 * torch.outer(e(4, 3), e(6, 3)), W, r=1)
+    assert minor["w_proj"] == pytest.approx(1.0) and minor["dw_proj"] == pytest.approx(0.5)  # UᵀWV = W[3, 3]
+    assert minor["amplification"] == pytest.approx(0.5)
+    assert minor["phi_minor"] == pytest.approx(1.0) and minor["phi_principal"] == pytest.approx(0.0, abs=1e-12)
+    principal = analysis.delta_analysis(2 * torch.outer(e(4, 0), e(6, 0)), W, r=1)
+    assert principal["amplification"] == pytest.approx(2 / 4)
+    assert principal["phi_principal"] == pytest.approx(1.0) and principal["phi_minor"] == pytest.approx(0.0, abs=1e-12)
+    # Only ΔW's top r count: with r = 1, 3·e0e0ᵀ + e3e3ᵀ gives 3/4, not ‖ΔW‖_F / 4.
+    assert analysis.delta_analysis(3 * torch.outer(e(4, 0), e(6, 0)) + torch.outer(e(4, 3), e(6, 3)), W, 1)[
+        "amplification"] == pytest.approx(3 / 4)
+    # Half in each: ΔW's top direction (e0 + e3)/√2 on both sides, so φ = ½ to the largest and to the smallest.
+    half = analysis.delta_analysis(torch.outer(e(4, 0) + e(4, 3), e(6, 0) + e(6, 3)), W, r=1)
+    assert half["phi_principal"] == pytest.approx(0.5) and half["phi_minor"] == pytest.approx(0.5)
+    assert half["w_proj"] == pytest.approx((4 + 1) / 2)  # uᵀWv with u = v = (e0 + e3)/√2
+    # The sides apart: left along W's smallest, right along its largest. φ is the left side's (appendix A.1);
+    # UᵀWV = W[3, 0] = 0, so the factor is infinite.
+    split = analysis.delta_analysis(torch.outer(e(4, 3), e(6, 0)), W, r=1)
+    assert split["phi_minor"] == pytest.approx(1.0) and split["phi_principal"] == pytest.approx(0.0, abs=1e-12)
+    assert split["phi_principal_right"] == pytest.approx(1.0) and split["phi_minor_right"] == pytest.approx(0.0, abs=1e-12)
+    assert split["amplification"] == math.inf
+    # r random triplets of W meet a random r-subspace with φ = r/d on average (r = 2: 2/4 left, 2/6 right).
+    g = torch.Generator().manual_seed(0)
+    rand = [analysis.delta_analysis(torch.randn(4, 6, dtype=torch.float64, generator=g), W, 2, generator=g)
+            for _ in range(400)]
+    assert sum(x["phi_random"] for x in rand) / len(rand) == pytest.approx(2 / 4, abs=0.03)
+    assert sum(x["phi_random_right"] for x in rand) / len(rand) == pytest.approx(2 / 6, abs=0.03)
+    # ΔW of rank below r has arbitrary singular vectors: no φ. An r beyond W's triplets is an error.
+    zero = analysis.delta_analysis(torch.zeros(4, 6), W, 1)
+    assert all(math.isnan(zero[k]) for k in ("phi_principal", "phi_minor", "phi_random", "phi_minor_right"))
+    with pytest.raises(ValueError, match=r"r must be in \[1, 4\] for a 4×6 weight, got 5"):
+        analysis.delta_analysis(torch.ones(4, 6), W, 5)
 
 
 def test_study_tables_by_hand():
@@ -129,7 +187,7 @@ def test_analysis_of_a_trained_adapter(trained, tiny_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         dW = merged[name + ".weight"].double() - base[name + ".weight"].double()
-        want = milora.delta_analysis(dW, base[name + ".weight"], 4, generator=torch.Generator().manual_seed(0))
+        want = analysis.delta_analysis(dW, base[name + ".weight"], 4, generator=torch.Generator().manual_seed(0))
         got = summary["layers"][name]
         assert got["amplification"] == pytest.approx(want["amplification"], rel=1e-3)
         assert got["phi_minor"] == pytest.approx(want["phi_minor"], abs=1e-3)
