@@ -356,7 +356,8 @@ def _check_target(model, name, target, method, r, fresh, gather, params):
     what = f"{name} ({kind})" if W is None else f"{name} ({kind}, {W.dtype} {tuple(W.shape)})"
     leave_out = f"leave {name.rsplit('.', 1)[-1]} out of target_modules"
     if W is target:  # a parameter of a module that is no layer
-        raise TypeError(f"{what} is no layer (fused MoE experts are out of scope): {leave_out}")
+        raise TypeError(f"{what} is a {W.dim()}-D parameter, no layer (fused MoE experts are out "
+                        f"of scope): {leave_out}")
     if W is not None and (type(W) is not nn.Parameter or W.dtype.itemsize < 2  # int8, float8;
                           or not W.dtype.is_floating_point):  # bitsandbytes' own Parameter class
         raise TypeError(f"{what} is a quantized layer: load the model unquantized, or {leave_out}")

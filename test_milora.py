@@ -4,6 +4,7 @@
 
 References: float64 torch.linalg.svd for the split, the installed peft package for formats and forwards.
 """
+import collections
 import copy
 import importlib.util
 import json
@@ -1773,3 +1774,273 @@ def test_resume_of_a_bf16_model(tmp_path):
     copy_run(str(tmp_path / "full"), tmp_path / "killed", "args.json", "checkpoint-2")
     train_math.main(common + ["--output_dir", str(tmp_path / "killed"), "--resume"])
     assert_same_tensors(*(load_file(tmp_path / d / "adapter" / milora.WEIGHTS) for d in ("killed", "full")), 1e-6)
+
+
+# ----------------------------------------------------------------------------- models written elsewhere
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.c_attn, self.c_proj, self.heads = nn.Linear(d, 3 * d), nn.Linear(d, d), heads
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.c_fc, self.c_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return self.c_proj(torch.nn.functional.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2, self.mlp = nn.LayerNorm(d), CausalSelfAttention(d, heads), nn.LayerNorm(d), MLP(d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class PlainGPT(nn.Module):
+    """A GPT in plain PyTorch, as nanoGPT's model.py writes one: no transformers base class, a tied lm_head, and a
+    generate method of its own."""
+
+    def __init__(self, vocab=128, d=64, heads=4, layers=2, block_size=64):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(vocab, d), wpe=nn.Embedding(block_size, d),
+                                              h=nn.ModuleList(Block(d, heads) for _ in range(layers)),
+                                              ln_f=nn.LayerNorm(d)))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied, as nanoGPT ties them
+
+    def forward(self, idx):
+        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.shape[1]))
+        for block in self.transformer.h:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens):
+        for _ in range(max_new_tokens):
+            idx = torch.cat([idx, self(idx)[:, -1].argmax(-1, keepdim=True)], 1)
+        return idx
+
+
+LLAMA_LIKE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def build(arch):
+    """A tiny model of each architecture, built offline from its config, the same on every call."""
+    import transformers as T
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = T.LlamaForCausalLM(T.LlamaConfig(**LLAMA_LIKE))
+    elif arch == "qwen2":  # q, k, v with bias
+        model = T.Qwen2ForCausalLM(T.Qwen2Config(**LLAMA_LIKE))
+    elif arch == "qwen3":
+        model = T.Qwen3ForCausalLM(T.Qwen3Config(head_dim=16, **LLAMA_LIKE))
+    elif arch == "gemma3":
+        model = T.Gemma3ForCausalLM(T.Gemma3TextConfig(head_dim=16, **LLAMA_LIKE))
+    elif arch == "phi3":  # fused qkv_proj and gate_up_proj
+        model = T.Phi3ForCausalLM(T.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **LLAMA_LIKE))
+    elif arch == "gpt2":  # Conv1D layers, their weights stored in×out
+        model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                               bos_token_id=1, eos_token_id=2))
+    elif arch == "bert":  # an encoder, no generate
+        model = T.BertModel(T.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=96, max_position_embeddings=64))
+    elif arch == "mixtral":  # fused experts: 3-D parameters
+        model = T.MixtralForCausalLM(T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **LLAMA_LIKE))
+    elif arch == "qwen3_moe":
+        model = T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                                       head_dim=16, **LLAMA_LIKE))
+    else:
+        model = PlainGPT()
+    return model.eval()
+
+
+def logits_of(out):
+    """A model's output as one tensor: its logits, or an encoder's last hidden state."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if "logits" in out else out.last_hidden_state
+
+
+def output(model, ids):
+    with torch.no_grad():
+        return logits_of(model(ids))
+
+
+# Each architecture with the targets a user would name: the defaults where the model has them, else its own names or
+# "all-linear". What must happen with the defaults where they don't fit is in MODEL_REFUSALS.
+ARCHS = {"llama": list(milora.PAPER_TARGETS), "qwen2": list(milora.PAPER_TARGETS),
+         "qwen3": list(milora.PAPER_TARGETS), "gemma3": list(milora.PAPER_TARGETS),
+         "phi3": ["qkv_proj", "gate_up_proj", "down_proj"], "gpt2": "all-linear",
+         "bert": ["query", "key", "value"], "mixtral": ATTENTION, "qwen3_moe": ATTENTION, "plain_gpt": "all-linear"}
+MATRIX_METHODS = ["lora", "milora", "mica", "miss"]
+
+
+def adapt_train_save_load(arch, method, targets, path):
+    """Adapt, check step 0, train a few AdamW steps, save; reload through PEFT and load_adapter onto a fresh untouched
+    model, and merge. -> the relative errors against the trained model's outputs, and the saved config."""
+    from peft import PeftModel
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    base = build(arch)
+    before = output(base, ids)
+    model = milora.apply_adapters(build(arch), method, r=R, target_modules=targets)
+    figures = {"layers": len(milora.adapter_layers(model)), "step 0": rel_err(output(model, ids), before)}
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    target = torch.randn(before.shape, generator=torch.Generator().manual_seed(2))  # a pull the adapters follow
+    for _ in range(3):
+        (logits_of(model(ids)) - target).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    want = output(model.eval(), ids)
+    figures["trained"] = rel_err(want, before)
+    milora.save_adapter(model, path)
+    figures["peft"] = rel_err(output(PeftModel.from_pretrained(build(arch), path).eval(), ids), want)
+    figures["load_adapter"] = rel_err(output(milora.load_adapter(build(arch), path), ids), want)
+    figures["merge"] = rel_err(output(milora.merge_adapters(model), ids), want)
+    assert not milora.adapter_layers(model)
+    return figures, json.loads((path / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("method", MATRIX_METHODS)
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_models_of_every_kind_are_adapted_exactly_and_reload_in_peft_and_here(arch, method, tmp_path):
+    if method == "miss" and arch == "gpt2":  # PEFT's MiSS has no Conv1D layer: refused by name
+        with pytest.raises(TypeError, match=r"transformer\.h\.0\.attn\.c_attn \(Conv1D, torch\.float32 \(64, 192\)\): "
+                                            r"PEFT's MiSS has no Conv1D layer; pick a LoRA method, or leave c_attn "
+                                            r"out of target_modules"):
+            milora.apply_adapters(build(arch), method, r=R, target_modules=ARCHS[arch])
+        return
+    figures, config = adapt_train_save_load(arch, method, ARCHS[arch], tmp_path)
+    assert figures["layers"] >= 6
+    assert figures["step 0"] < 1e-5  # unchanged at step 0
+    assert figures["trained"] > 1e-3  # the steps did change it
+    assert figures["peft"] < 1e-5 and figures["load_adapter"] < 1e-5 and figures["merge"] < 1e-5, figures
+    causal = arch not in ("bert", "plain_gpt")
+    assert config["task_type"] == ("CAUSAL_LM" if causal else None)  # PEFT's causal-LM class needs a transformers LM
+    assert config.get("fan_in_fan_out", False) == (arch == "gpt2")  # PEFT's flag for Conv1D
+
+
+MODEL_REFUSALS = [  # (arch, targets, the error's type and text), with every method; the model must stay as it was
+    ("mixtral", milora.PAPER_TARGETS, TypeError,
+     r"model\.layers\.0\.mlp\.experts\.down_proj \(MixtralExperts, torch\.float32 \(4, 64, 96\)\) is a 3-D "
+     r"parameter, no layer \(fused MoE experts are out of scope\): leave down_proj out of target_modules"),
+    ("qwen3_moe", milora.PAPER_TARGETS, TypeError,
+     r"model\.layers\.0\.mlp\.experts\.down_proj \(Qwen3MoeExperts, torch\.float32 \(4, 64, 48\)\) is a 3-D "
+     r"parameter, no layer"),
+    ("gpt2", milora.PAPER_TARGETS, ValueError,
+     r"match nothing in the model; its linear layers are named: c_attn, c_fc, c_proj, lm_head"),
+    ("llama", ["embed_tokens"], TypeError, r"model\.embed_tokens \(Embedding, torch\.float32 \(128, 64\)\) is not a "
+                                           r"linear layer \(nn\.Linear or Conv1D\): leave embed_tokens out"),
+    ("llama", ["mlp"], TypeError, r"model\.layers\.0\.mlp \(LlamaMLP\) is not a linear layer"),
+]
+
+
+@pytest.mark.parametrize("method", MATRIX_METHODS)
+@pytest.mark.parametrize("arch, targets, error, message", MODEL_REFUSALS, ids=[f"{a}-{t}" for a, t, *_ in MODEL_REFUSALS])
+def test_what_cannot_be_adapted_is_refused_by_name_before_anything_changes(arch, targets, error, message, method):
+    model = build(arch)
+    reference = snapshot(model)
+    with pytest.raises(error, match=message):
+        milora.apply_adapters(model, method, r=R, target_modules=targets)
+    assert not milora.adapter_layers(model) and all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method", MATRIX_METHODS)
+def test_a_name_the_model_lacks_is_named_in_a_warning_with_what_it_has(method, tmp_path):
+    """Phi-3 fuses q, k, v into qkv_proj and gate, up into gate_up_proj: of the default targets only down_proj is
+    there. It is adapted exactly, and each of the four others is named in a warning that lists the real names."""
+    with pytest.warns(UserWarning) as caught:
+        figures, _ = adapt_train_save_load("phi3", method, milora.PAPER_TARGETS, tmp_path)
+    lacking = [str(w.message) for w in caught if "which is not in the model" in str(w.message)]
+    assert len(lacking) == 4
+    for name, text in zip(("q_proj", "k_proj", "v_proj", "up_proj"), lacking):
+        assert text.startswith(f"target_modules names '{name}', which is not in the model, so it gets no adapter; "
+                               f"its linear layers are named: down_proj, gate_up_proj, lm_head, o_proj, qkv_proj")
+    assert figures["layers"] == 2 and figures["step 0"] < 1e-5
+    assert figures["peft"] < 1e-5 and figures["load_adapter"] < 1e-5 and figures["merge"] < 1e-5
+
+
+def test_all_linear_is_every_linear_layer_but_the_head_and_names_what_it_leaves_out():
+    llama = milora.apply_adapters(build("llama"), "lora", r=R, target_modules="all-linear")
+    assert sorted({n.rsplit(".", 1)[-1] for n, _ in milora.adapter_layers(llama)}) == sorted(
+        ATTENTION + ["gate_proj", "up_proj", "down_proj"])  # lm_head, the output head, is left out
+    assert [n for n, _ in milora.adapter_layers(milora.apply_adapters(PlainGPT(), "lora", r=R, target_modules="ALL-LINEAR"))
+            ] == [f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    with pytest.warns(UserWarning, match=r"'all-linear' adapts no weight of 3 or more dimensions: not "
+                                         r"model\.layers\.0\.mlp\.experts\.gate_up_proj, nor 3 more"):
+        mixtral = milora.apply_adapters(build("mixtral"), "milora", r=R, target_modules="all-linear")
+    assert sorted({n.rsplit(".", 1)[-1] for n, _ in milora.adapter_layers(mixtral)}) == sorted(ATTENTION)
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float32])
+def test_quantized_layers_are_refused_by_their_storage_not_their_dtype(storage):
+    """bitsandbytes' Linear4bit subclasses nn.Linear; with bfloat16 or float32 storage (FSDP-QLoRA's) its packed 4-bit
+    bytes read as a float weight of shape (N, 1). Refused as quantized, whatever the storage, quantized or not yet,
+    and so is Linear8bitLt, and a plain nn.Linear whose weight holds packed data."""
+    import bitsandbytes as bnb
+    model = tiny_llama()
+    attn = model.model.layers[1].self_attn
+    attn.q_proj = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_storage=storage)
+    reference = {k: v.clone() for k, v in model.state_dict().items() if "q_proj" not in k}
+    message = r"model\.layers\.1\.self_attn\.q_proj \(Linear4bit, torch\.{} \({}\)\) is a quantized layer: load the " \
+              r"model unquantized, or leave q_proj out of target_modules"
+    with pytest.raises(TypeError, match=message.format("float32", "64, 64")):  # not yet quantized: its class says so
+        milora.apply_adapters(model, "milora", r=R)
+    attn.q_proj.to("cpu")  # bitsandbytes quantizes as it moves the layer
+    packed = {torch.uint8: "2048, 1", torch.bfloat16: "1024, 1", torch.float32: "512, 1"}[storage]
+    with pytest.raises(TypeError, match=message.format(str(storage).removeprefix("torch."), packed)):
+        milora.apply_adapters(model, "milora", r=R)
+    attn.k_proj = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False).to("cpu")
+    with pytest.raises(TypeError, match=r"self_attn\.k_proj \(Linear8bitLt, torch\.int8 \(32, 64\)\) is a quantized"):
+        milora.apply_adapters(model, "lora", r=R, target_modules=["k_proj"])
+    attn.v_proj.weight = nn.Parameter(torch.zeros(1024, 1, dtype=torch.bfloat16), requires_grad=False)
+    with pytest.raises(TypeError, match=r"self_attn\.v_proj \(Linear, torch\.bfloat16 \(1024, 1\)\) is a quantized"):
+        milora.apply_adapters(model, "lora", r=R, target_modules=["v_proj"])
+    assert not milora.adapter_layers(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in reference.items() if "k_proj" not in k and "v_proj" not in k)
+
+
+def test_layers_that_do_not_compute_w_x_plus_b_are_refused():
+    class Scaled(nn.Linear):  # a forward of its own
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(collections.OrderedDict(attn=nn.MultiheadAttention(16, 2), proj=Scaled(16, 16)))
+    with pytest.raises(TypeError, match=r"^attn\.out_proj \(NonDynamicallyQuantizableLinear, torch\.float32 \(16, 16\)\) "
+                                        r"need not compute W x \+ b where it is used: leave out_proj out"):
+        milora.apply_adapters(model, "lora", r=4, target_modules=["out_proj"])
+    with pytest.raises(TypeError, match=r"^proj \(Scaled, torch\.float32 \(16, 16\)\) need not compute W x \+ b"):
+        milora.apply_adapters(model, "lora", r=4, target_modules=["proj"])
+
+
+def test_peft_lora_adapter_of_a_conv1d_model_loads_here(tmp_path):
+    """PEFT saves LoRA on GPT-2's Conv1D with fan_in_fan_out; A (r×in) and B (out×r) are stored as for nn.Linear."""
+    from peft import LoraConfig, get_peft_model
+    theirs = get_peft_model(build("gpt2"), LoraConfig(r=R, lora_alpha=16, target_modules=["c_attn", "c_fc"],
+                                                      fan_in_fan_out=True))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    theirs.save_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    want = output(theirs.eval(), ids)
+    assert rel_err(want, output(build("gpt2"), ids)) > 1e-3
+    assert rel_err(output(milora.load_adapter(build("gpt2"), tmp_path), ids), want) < 1e-5
