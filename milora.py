@@ -309,13 +309,13 @@ def find_targets(model, method, r, target_modules, fresh, gather):
     if not targets:
         raise ValueError(f"target_modules {target_modules!r} match nothing in the model; its "
                          f"linear layers are named: {_linear_names(model)}")
+    params = list(model.named_parameters(remove_duplicate=False))  # a tied weight, under each name
+    for name, target in targets:
+        _check_target(model, name, target, method, r, fresh, gather, params)
     for t in [] if isinstance(target_modules, str) else target_modules:  # a list of names
         if not any(_matches(n, [t]) for n, _ in targets):
             warnings.warn(f"target_modules names {t!r}, which is not in the model, so it gets no "
                           f"adapter; its linear layers are named: {_linear_names(model)}", stacklevel=3)
-    params = list(model.named_parameters(remove_duplicate=False))  # a tied weight, under each name
-    for name, target in targets:
-        _check_target(model, name, target, method, r, fresh, gather, params)
     return targets
 
 def _matches(name, targets):

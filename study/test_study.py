@@ -12,19 +12,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import analysis
+import eval_gsm8k
+import milora
+import run
+from test_milora import llama, spectrum_matrix, train_a_little  # helpers; the fixtures come from ../conftest.py
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # the project root, for milora and the scripts
-
-import analysis  # noqa: E402
-import eval_gsm8k  # noqa: E402
-import milora  # noqa: E402
-import run  # noqa: E402
-from test_milora import llama, spectrum_matrix, tiny_dir, tiny_llama, train_a_little, trained  # noqa: E402,F401
-
-
-@pytest.fixture(autouse=True)
-def _in_an_empty_directory(tmp_path_factory, monkeypatch):
-    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 def test_subspace_similarity():
@@ -121,6 +115,7 @@ def test_study_tables_by_hand():
     assert analysis.curve_kl([(0.2, 1.0), (0.6, 3.0), (0.4, 5.0), (0.7, 6.0)], 0.65) == pytest.approx(5 + 0.25 / 0.3)
     assert analysis.curve_kl([(0.2, 1.0), (0.6, 3.0)], 0.7) is None
     assert analysis.curve_kl([(0.6, 1.0), (0.8, 3.0)], 0.5) is None  # passed at the lowest rate: not measured
+    assert analysis.curve_kl([(0.5, 0.01), (0.7, 0.02), (0.3, 0.05)], 0.4) is None  # reached only on the way down
     lines = analysis.markdown(table, match)
     assert "| 0.65 | 0.1750 (1 seed) | 0.2500 (1 seed) |" in lines
     assert "| 0.80 | 0.2500 (1 seed) | 0.4000 ± 0.0000 (2 seeds) |" in lines
@@ -319,6 +314,20 @@ def test_plan_tunes_each_method_until_its_best_rate_is_inside_its_grid():
     # At the edge again, with no extension left (--extend 1): the best gets its seeds where it is.
     assert set(run.plan(args, done({1e-4: 0.2, 3e-4: 0.5, 1e-3: 0.6}))) - first == {
         "lora-1e-3-1", "lora-1e-3-2", "lora-1e-3-3"}
+
+
+def test_a_run_is_trained_again_unless_its_adapter_was_saved_whole(tmp_path, monkeypatch):
+    """A study killed while train_math.py wrote an adapter leaves adapter/ without its weights: that run trains
+    again. One whose weights were saved (the last thing a run writes) is kept."""
+    calls = []
+    monkeypatch.setattr(run.subprocess, "run", lambda command, check: calls.append(command))
+    args = run.parse_args(["--work", str(tmp_path)])
+    (tmp_path / "lora-1e-3-1" / "adapter").mkdir(parents=True)  # killed mid-save
+    run.train(args, "lora-1e-3-1", "lora", 1e-3, 1, None)
+    assert len(calls) == 1 and calls[0][calls[0].index("--output_dir") + 1] == str(tmp_path / "lora-1e-3-1")
+    (tmp_path / "lora-1e-3-1" / "adapter" / milora.WEIGHTS).write_bytes(b"saved")
+    run.train(args, "lora-1e-3-1", "lora", 1e-3, 1, None)
+    assert len(calls) == 1
 
 
 def test_study_runs_end_to_end_resumes_and_redoes_only_what_was_lost(tiny_dir, tmp_path, monkeypatch):
