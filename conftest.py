@@ -40,8 +40,10 @@ def pytest_sessionstart(session):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if {"smollm2", "smollm2_tokenizer"} & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if {"smollm2", "smollm2_tokenizer"} & fixtures:
             item.add_marker(pytest.mark.smollm2)
+        if {"smollm2", "smollm2_tokenizer", "tiny_dir", "trained"} & fixtures:  # the real model, or a training run
             item.add_marker(pytest.mark.slow)
         if GPU_RUN and item.get_closest_marker("distributed"):
             item.add_marker(pytest.mark.skip(reason="needs two GPUs: each process takes one, and NCCL refuses two "

@@ -1661,6 +1661,7 @@ class TestRealModel:
 class TestScripts:
     """train_math.py and eval_gsm8k.py end to end on the tiny model, and their data pipeline."""
 
+    @pytest.mark.slow
     def test_demo_runs(self):
         out = subprocess.run([sys.executable, "milora.py"], cwd=HERE, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
@@ -2098,6 +2099,7 @@ class TestScriptErrors:
         msg = str(e.value)
         assert path in msg and "instruction" in msg and "output" in msg and "query" in msg and "response" in msg
 
+    @pytest.mark.slow
     def test_missing_model_and_too_large_rank_are_clear_errors(self, tmp_path):
         with pytest.raises(SystemExit, match="unreachable offline: give a directory") as e:
             train_math.main(
@@ -2243,6 +2245,7 @@ class TestResume:
             1e-6,
         )
 
+    @pytest.mark.slow
     def test_resume_of_a_bf16_model(self, tmp_path, train_flags):
         model, tok = train_math.build_tiny()
         model.to(torch.bfloat16).save_pretrained(tmp_path / "tiny-bf16")
