@@ -23,7 +23,7 @@ DECOMPOSING = (*SVD_METHODS, "mica")  # the methods whose init takes an SVD of W
 PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # MiLoRA paper, Table 10
 EPS = torch.finfo(torch.float32).eps
 
-# 1. The method: which singular triplets, then B and A from them ------------------------------------
+# 1. The method: which singular triplets, then B and A from them -----------------------------------
 
 def triplet_indices(m, r, method, generator=None):
     """Which r of W's m singular triplets the method trains, as indices into σ sorted descending."""
@@ -67,7 +67,7 @@ def svd_factors(weight, r, method="milora", scale=1.0, generator=None, fast=True
     sqrt_s = (S / scale).sqrt()  # r
     return (U * sqrt_s).contiguous(), (sqrt_s[:, None] * Vh).contiguous()  # out×r, r×in
 
-# 2. The adapter layers ------------------------------------------------------------------------------
+# 2. The adapter layers ----------------------------------------------------------------------------
 
 def is_conv1d(layer):
     """transformers' Conv1D (GPT-2 and other older models): a linear layer, its weight stored in×out."""
@@ -108,14 +108,14 @@ class AdapterLayer(nn.Module):
 
 class LoraLinear(AdapterLayer):
     """y = W x + b + (α/r)·B A dropout(x), B out×r, A r×in. W is frozen: the pretrained weight for LoRA
-    and MiCA; for SVD methods the residual W₀ − (α/r)·B₀A₀, with B, A from B₀, A₀: y is unchanged."""
+    and MiCA; for SVD methods the residual W₀ − (α/r)·B₀A₀, and B, A start at B₀, A₀: y is as it was."""
 
     def __init__(self, base, r, alpha, dropout=0.0, method="lora"):
         super().__init__(base, r, dropout, method)
         self.alpha, self.scaling = alpha, alpha / r
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, device=device))  # float32,
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))  # as PEFT's
+        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, device=device))  # r×in, float32
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))  # out×r, as PEFT
         self.lora_B.requires_grad_(method != "mica")  # MiCA trains A only
         if method in SVD_METHODS:  # B₀ and A₀, kept for subtract_init_ and save_adapter's BA − B₀A₀
             self.register_buffer("lora_A0", torch.zeros_like(self.lora_A))
@@ -136,8 +136,8 @@ class LoraLinear(AdapterLayer):
 
     @torch.no_grad()
     def subtract_init_(self, buffer):
-        """W ← W − (α/r)·B₀A₀ in place, computed in `buffer` (float32, or float64 for a float64 W)
-        and stored in W's dtype: it allocates nothing, so once started it can't fail half-way."""
+        """W ← W − (α/r)·B₀A₀ in place, computed in `buffer` (float32, or float64 for a float64 W) and
+        stored in W's dtype: it allocates nothing (but B₀, A₀ as float64), so it can't fail half-way."""
         W = linear_weight(self.base_layer)
         tmp = buffer[:W.numel()].view(W.shape).copy_(W)
         W.copy_(tmp.addmm_(self.lora_B0.to(tmp), self.lora_A0.to(tmp), alpha=-self.scaling))
@@ -184,7 +184,7 @@ def apply_adapters(model, method="milora", r=64, alpha=None, dropout=0.0,
         "all-linear": every nn.Linear and Conv1D but the output head. Appendix A says what is refused.
     init_state: an adapter_state_dict() of a run with the same settings: resumes it, with no new SVD.
     fast=False: a full SVD per layer (the reference route) instead of appendix B's.
-    gather: under DeepSpeed ZeRO-3, gather(weight) is a context in which the weight is whole."""
+    gather: under ZeRO-3, gather(weight) is a context in which the weight is whole and changes stay."""
     alpha = check_args(method, r, alpha, dropout, target_modules)
     targets = find_targets(model, method, r, target_modules, init_state is None, gather)
     names = [name for name, _ in targets]
@@ -275,7 +275,7 @@ def adapter_state_dict(model):
     """Every adapter tensor, trained or saved init factor, by module path: what a checkpoint keeps."""
     return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ADAPTER_TENSORS}
 
-# Appendix A: the checks, before anything changes: an error names the culprit and the remedy ------
+# Appendix A: the checks, before anything changes: an error names the culprit and the remedy -------
 
 def check_args(method, r, alpha, dropout, target_modules):
     """-> alpha, defaulted; or a clear error for the first argument that is out of range."""
@@ -541,7 +541,7 @@ def _inverse_iteration(W, Q, sigma, lo, r):
             return U, S, V.T
     return None
 
-# Appendix C: machinery: the init over processes, the swap, Ctrl-C, the fused forward, files -----
+# Appendix C: machinery: the init over processes, the swap, Ctrl-C, the fused forward, files -------
 
 def initialize_all(adapters, names, states, fast, gather):
     """Every adapter's init. Under torch.distributed every process calls apply_adapters with the same
@@ -631,7 +631,7 @@ def write_atomically(path, write):
 def write_json(obj, path):
     write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
 
-# Demo: python milora.py -------------------------------------------------------------------------------
+# Demo: python milora.py ---------------------------------------------------------------------------
 
 if __name__ == "__main__":  # a toy model: four blocks of the five linear maps the paper adapts
     import collections, copy, time

@@ -66,14 +66,8 @@ def llama(hidden_size=64, num_hidden_layers=2, **kw):
     """A small random Llama (seed it first): 4 heads, 2 KV heads, a vocabulary of 128."""
     return LlamaForCausalLM(
         LlamaConfig(
-            hidden_size=hidden_size,
-            intermediate_size=96,
-            num_attention_heads=4,
-            num_hidden_layers=num_hidden_layers,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=64,
-            **kw,
+            hidden_size=hidden_size, intermediate_size=96, num_attention_heads=4, num_hidden_layers=num_hidden_layers,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, **kw,
         )
     ).eval()
 
@@ -233,10 +227,7 @@ class Block(nn.Module):
     def __init__(self, d, heads):
         super().__init__()
         self.ln_1, self.attn, self.ln_2, self.mlp = (
-            nn.LayerNorm(d),
-            CausalSelfAttention(d, heads),
-            nn.LayerNorm(d),
-            MLP(d),
+            nn.LayerNorm(d), CausalSelfAttention(d, heads), nn.LayerNorm(d), MLP(d),
         )
 
     def forward(self, x):
@@ -252,10 +243,8 @@ class PlainGPT(nn.Module):
         super().__init__()
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(vocab, d),
-                wpe=nn.Embedding(block_size, d),
-                h=nn.ModuleList(Block(d, heads) for _ in range(layers)),
-                ln_f=nn.LayerNorm(d),
+                wte=nn.Embedding(vocab, d), wpe=nn.Embedding(block_size, d),
+                h=nn.ModuleList(Block(d, heads) for _ in range(layers)), ln_f=nn.LayerNorm(d),
             )
         )
         self.lm_head = nn.Linear(d, vocab, bias=False)
@@ -275,13 +264,8 @@ class PlainGPT(nn.Module):
 
 
 LLAMA_LIKE = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64,
 )
 
 
@@ -310,11 +294,7 @@ def build(arch):
     elif arch == "bert":  # an encoder, no generate
         model = T.BertModel(
             T.BertConfig(
-                vocab_size=128,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=96,
+                vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
                 max_position_embeddings=64,
             )
         )
@@ -344,16 +324,9 @@ def output(model, ids):
 # Each architecture with the targets a user would name: the defaults where the model has them, else its own names or
 # "all-linear". What must happen with the defaults where they don't fit is in MODEL_REFUSALS.
 ARCHS = {
-    "llama": list(milora.PAPER_TARGETS),
-    "qwen2": list(milora.PAPER_TARGETS),
-    "qwen3": list(milora.PAPER_TARGETS),
-    "gemma3": list(milora.PAPER_TARGETS),
-    "phi3": ["qkv_proj", "gate_up_proj", "down_proj"],
-    "gpt2": "all-linear",
-    "bert": ["query", "key", "value"],
-    "mixtral": ATTENTION,
-    "qwen3_moe": ATTENTION,
-    "plain_gpt": "all-linear",
+    "llama": list(milora.PAPER_TARGETS), "qwen2": list(milora.PAPER_TARGETS), "qwen3": list(milora.PAPER_TARGETS),
+    "gemma3": list(milora.PAPER_TARGETS), "phi3": ["qkv_proj", "gate_up_proj", "down_proj"], "gpt2": "all-linear",
+    "bert": ["query", "key", "value"], "mixtral": ATTENTION, "qwen3_moe": ATTENTION, "plain_gpt": "all-linear",
 }
 
 
@@ -425,12 +398,7 @@ MODEL_REFUSALS = [  # (arch, targets, the error's type and text), with every met
 REAL_MATRICES = [
     f"model.layers.0.{m}"
     for m in (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
         "mlp.down_proj",
     )
 ]
@@ -617,11 +585,7 @@ def probe_run(tiny_dir, out, processes, *flags):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         launch + [__file__, "train", "--model", tiny_dir, "--output_dir", str(out), *flags],
-        cwd=HERE,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        cwd=HERE, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -1611,26 +1575,9 @@ class TestRealModel:
         # transformers, so the trained adapter is checked on the fixture's copy rather than by a second load.)
         train_math.main(
             [
-                "--data",
-                "toy",
-                "--max_samples",
-                "4",
-                "--max_steps",
-                "1",
-                "--batch_size",
-                "2",
-                "--rank",
-                "8",
-                "--warmup_steps",
-                "0",
-                "--max_len",
-                "96",
-                "--output_dir",
-                str(tmp_path),
-                "--eval_limit",
-                "2",
-                "--eval_max_new_tokens",
-                "4",
+                "--data", "toy", "--max_samples", "4", "--max_steps", "1", "--batch_size", "2", "--rank", "8",
+                "--warmup_steps", "0", "--max_len", "96", "--output_dir", str(tmp_path), "--eval_limit", "2",
+                "--eval_max_new_tokens", "4",
             ]
         )
         # The run ends with the held-out accuracy before and after, as the last line that mentions accuracy.
@@ -1730,23 +1677,8 @@ class TestScripts:
         def lora_a(seed, name):
             train_math.main(
                 [
-                    "--model",
-                    tiny_dir,
-                    "--method",
-                    "lora",
-                    "--output_dir",
-                    str(tmp_path / name),
-                    "--seed",
-                    seed,
-                    "--data",
-                    "toy",
-                    "--max_samples",
-                    "8",
-                    "--max_steps",
-                    "1",
-                    "--batch_size",
-                    "4",
-                    "--eval_limit",
+                    "--model", tiny_dir, "--method", "lora", "--output_dir", str(tmp_path / name), "--seed", seed,
+                    "--data", "toy", "--max_samples", "8", "--max_steps", "1", "--batch_size", "4", "--eval_limit",
                     "0",
                 ]
             )
@@ -1764,26 +1696,8 @@ class TestScripts:
         """--bf16 --gradient_checkpointing, the defaults on a GPU, forced on a CPU: the adapters learn, and the result
         is close to (but, being bf16, not identical with) the fp32 run without checkpointing."""
         common = [
-            "--model",
-            tiny_dir,
-            "--data",
-            "toy",
-            "--max_samples",
-            "16",
-            "--max_steps",
-            "3",
-            "--batch_size",
-            "4",
-            "--warmup_steps",
-            "0",
-            "--lr",
-            "1e-3",
-            "--dropout",
-            "0",
-            "--logging_steps",
-            "1",
-            "--eval_limit",
-            "0",
+            "--model", tiny_dir, "--data", "toy", "--max_samples", "16", "--max_steps", "3", "--batch_size", "4",
+            "--warmup_steps", "0", "--lr", "1e-3", "--dropout", "0", "--logging_steps", "1", "--eval_limit", "0",
         ]
         runs = {}
         for name, flags in [
@@ -1821,22 +1735,8 @@ class TestScripts:
         path = str(tmp_path / "eval.jsonl")
         summary = eval_gsm8k.main(
             [
-                "--model",
-                tiny_dir,
-                "--adapter",
-                os.path.join(out, "adapter"),
-                "--data",
-                "toy",
-                "--limit",
-                "6",
-                "--batch_size",
-                "4",
-                "--max_new_tokens",
-                "12",
-                "--output",
-                path,
-                "--forgetting",
-                "--forgetting_tokens",
+                "--model", tiny_dir, "--adapter", os.path.join(out, "adapter"), "--data", "toy", "--limit", "6",
+                "--batch_size", "4", "--max_new_tokens", "12", "--output", path, "--forgetting", "--forgetting_tokens",
                 "300",
             ]
         )
@@ -1853,20 +1753,8 @@ class TestScripts:
         one = str(tmp_path / "one.jsonl")
         eval_gsm8k.main(
             [
-                "--model",
-                tiny_dir,
-                "--adapter",
-                os.path.join(out, "adapter"),
-                "--data",
-                "toy",
-                "--limit",
-                "6",
-                "--batch_size",
-                "1",
-                "--max_new_tokens",
-                "12",
-                "--output",
-                one,
+                "--model", tiny_dir, "--adapter", os.path.join(out, "adapter"), "--data", "toy", "--limit", "6",
+                "--batch_size", "1", "--max_new_tokens", "12", "--output", one,
             ]
         )
         assert [json.loads(line)["completion"] for line in open(one)] == [r["completion"] for r in rows]
@@ -1896,19 +1784,8 @@ class TestScripts:
         milora.save_adapter(fresh, str(tmp_path / "fresh"))
         summary = eval_gsm8k.main(
             [
-                "--model",
-                tiny_dir,
-                "--adapter",
-                str(tmp_path / "fresh"),
-                "--data",
-                "toy",
-                "--limit",
-                "1",
-                "--max_new_tokens",
-                "1",
-                "--forgetting",
-                "--forgetting_tokens",
-                "300",
+                "--model", tiny_dir, "--adapter", str(tmp_path / "fresh"), "--data", "toy", "--limit", "1",
+                "--max_new_tokens", "1", "--forgetting", "--forgetting_tokens", "300",
             ]
         )
         assert abs(summary["forgetting_kl"]) < 1e-6
@@ -1917,15 +1794,7 @@ class TestScripts:
     def test_forgetting_with_base_model_matches_disabled_adapter(self, trained, tiny_dir):
         out, _ = trained
         common = [
-            "--data",
-            "toy",
-            "--limit",
-            "1",
-            "--max_new_tokens",
-            "1",
-            "--forgetting",
-            "--forgetting_tokens",
-            "300",
+            "--data", "toy", "--limit", "1", "--max_new_tokens", "1", "--forgetting", "--forgetting_tokens", "300",
         ]
         via_adapter = eval_gsm8k.main(["--model", tiny_dir, "--adapter", os.path.join(out, "adapter")] + common)
         via_base = eval_gsm8k.main(["--model", os.path.join(out, "merged"), "--base_model", tiny_dir] + common)
@@ -2273,17 +2142,8 @@ class TestResume:
         ):
             train_math.main(
                 [
-                    "--model",
-                    tiny_dir,
-                    "--output_dir",
-                    str(tmp_path),
-                    "--resume",
-                    "--rank",
-                    "16",
-                    "--alpha",
-                    "32",
-                    "--target_modules",
-                    "q_proj",
+                    "--model", tiny_dir, "--output_dir", str(tmp_path), "--resume", "--rank", "16", "--alpha", "32",
+                    "--target_modules", "q_proj",
                 ]
                 + train_flags
             )
@@ -2430,10 +2290,7 @@ class TestAnswerRule:
         golds = Dataset.from_list([{"answer": "... #### " + g} for g in ("1,234", "-5", "+7", "1_000", "3.5", "1/2")])
         assert eval_gsm8k.gold_answers(golds, "x", "strict") == ["1,234", "-5", "+7", "1_000", "3.5", "1/2"]
         assert eval_gsm8k.gold_answers(golds.select(range(4)), "x") == [
-            "1,234",
-            "-5",
-            "+7",
-            "1_000",
+            "1,234", "-5", "+7", "1_000",
         ]  # int() reads them
         assert eval_gsm8k.is_correct("The answer is: 1234", "1,234") and eval_gsm8k.is_correct(
             "The answer is: 1000", "1_000"
@@ -2453,21 +2310,10 @@ class TestDistributed:
     def test_two_processes_share_the_factors(self, tmp_path):
         proc = subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node",
-                "2",
-                __file__,
-                "share",
-                "mica,milora",
-                str(tmp_path),
+                sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, "share",
+                "mica,milora", str(tmp_path),
             ],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=dict(os.environ, OMP_NUM_THREADS="1"),
+            cwd=HERE, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         for method in ("mica", "milora"):
@@ -2546,11 +2392,8 @@ class TestDistributed:
 
     def test_deepspeed_takes_a_stage_or_a_file_whose_batch_comes_from_the_flags(self, tmp_path):
         auto = {
-            "train_batch_size": "auto",
-            "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto",
-            "bf16": {"enabled": "auto"},
+            "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
         }
         assert train_math.deepspeed_config("zero2") == {"zero_optimization": {"stage": 2}, **auto}
         path = tmp_path / "ds.json"

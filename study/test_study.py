@@ -3,6 +3,7 @@ size, resumed. Run with the rest: pytest -q test_milora.py study/
 """
 import json
 import math
+import re
 import os
 import statistics
 import subprocess
@@ -16,6 +17,7 @@ import analysis
 import eval_gsm8k
 import milora
 import run
+import spectrum
 from test_milora import llama, spectrum_matrix, train_a_little  # helpers; the fixtures come from ../conftest.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -377,3 +379,18 @@ def test_study_runs_end_to_end_resumes_and_redoes_only_what_was_lost(tiny_dir, t
     run.main(flags)
     assert [f for f in files if f.stat().st_mtime_ns != stamps[f]] == [tmp_path / "runs" / "lora-1e-2-1.json"]
     assert json.load(open(tmp_path / "study.json"))["arms"] == study["arms"]
+
+
+def test_the_spectrum_figure_shades_each_methods_triplets(tmp_path):
+    """study/spectrum.py's bands are the triplets the SVD methods train (milora.triplet_indices), at both ranks, and
+    its levels are float32's and the float32 Gram's resolution; the plot of a made-up spectrum is a PNG."""
+    band = spectrum.bands(576)
+    assert band["pissa", 16] == (0, 15) and band["pissa", 64] == (0, 63)
+    assert band["milora", 16] == (560, 575) and band["milora", 64] == (512, 575)
+    assert band["middle", 16] == (280, 295) and band["middle", 64] == (256, 319)
+    lines = spectrum.levels(2.0, noise=0.01)
+    assert list(lines.values()) == [pytest.approx(2 * 2.0 * 2**-23), pytest.approx(2.0 * 2**-11.5), 0.01]
+    sigma = [10 ** (-6 * i / 575) for i in range(576)]
+    spectrum.plot(sigma, band, lines, "a made-up spectrum", tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
