@@ -381,6 +381,31 @@ def test_study_runs_end_to_end_resumes_and_redoes_only_what_was_lost(tiny_dir, t
     assert json.load(open(tmp_path / "study.json"))["arms"] == study["arms"]
 
 
+@pytest.mark.slow
+def test_the_gpu_script_runs_every_step_at_toy_size_on_a_cpu(tmp_path):
+    """study/gpu.sh, as it runs on a GPU but at toy size (MILORA_GPU_TINY=1): the benchmark's init, train and generate
+    measures, train_math.py with bf16 and checkpointing, and a few tests, one of them skipped with its reason; each
+    step's output lands in one report, and every step ends well."""
+    proc = subprocess.run(["bash", os.path.join(HERE, "gpu.sh"), str(tmp_path)], capture_output=True, text=True,
+                          timeout=900, env=dict(os.environ, MILORA_GPU_TINY="1"))
+    report = (tmp_path / "gpu.txt").read_text()
+    assert proc.returncode == 0, report[-3000:]
+    assert report.splitlines()[0] == "packages: all there"
+    assert re.search(r"^device: .+; torch ", report, re.M)
+    for method in ("pissa", "milora", "middle", "random"):
+        assert re.search(rf"^  {method} *: [\d.]+ s -> [\d.]+x the full SVD's speed over \d+ matrices; routes: "
+                         rf"rayleigh-ritz \d+, newton \d+, inverse iteration \d+, full svd \d+", report, re.M), method
+    assert re.search(r"PEFT pissa_niter_16 \(approximate, principal side only\): .* block error vs float64 \d", report)
+    for name in ("milora", "peft lora"):
+        assert re.search(rf"^train tiny .*, {name}: [\d,]+ tokens/s", report, re.M)
+    assert re.search(r"^generate, adapters: [\d,]+ new tokens/s", report, re.M)
+    assert re.search(r"^generate, merged: [\d,]+ new tokens/s", report, re.M)
+    assert "bf16 True, gradient checkpointing True" in report and re.search(r"^accuracy: ", report, re.M)
+    assert re.search(r"^SKIPPED .*needs two GPUs", report, re.M)
+    assert re.search(r"^\d+ passed, 1 skipped", report, re.M)
+    assert report.rstrip().splitlines()[-1].startswith("gpu.sh: 0 step(s) failed")
+
+
 def test_the_spectrum_figure_shades_each_methods_triplets(tmp_path):
     """study/spectrum.py's bands are the triplets the SVD methods train (milora.triplet_indices), at both ranks, and
     its levels are float32's and the float32 Gram's resolution; the plot of a made-up spectrum is a PNG."""
