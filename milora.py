@@ -26,7 +26,7 @@ EPS = torch.finfo(torch.float32).eps
 # 1. The method: which singular triplets, then B and A from them -----------------------------------
 
 def triplet_indices(m, r, method, generator=None):
-    """Which r of W's m singular triplets the method trains, as indices into σ sorted descending."""
+    """Which r of W's m singular triplets the method takes (MiCA: for its frozen B), σ descending."""
     if method == "pissa":  # the r largest
         return torch.arange(r)
     if method in ("milora", "mica"):  # the r smallest
@@ -254,7 +254,7 @@ def merge_adapters(model):
     """Fold every adapter into its weight and put the plain layer back. A merged model stays so."""
     for name, layer in adapter_layers(model):
         W = linear_weight(layer.base_layer)
-        W.copy_(W.to(_wide(W)) + layer.delta_weight(_wide(W)).to(W.device))  # in float32: one rounding
+        W.copy_(W.to(_wide(W)) + layer.delta_weight(_wide(W)).to(W.device))  # wide: one rounding
         _replace(model, name, layer.base_layer)
     return model
 
@@ -358,8 +358,8 @@ def _check_target(model, name, target, method, r, fresh, gather, params):
     if W is target:  # a parameter of a module that is no layer
         raise TypeError(f"{what} is a {W.dim()}-D parameter, no layer (fused MoE experts are out "
                         f"of scope): {leave_out}")
-    if W is not None and (type(W) is not nn.Parameter or W.dtype.itemsize < 2  # int8, float8;
-                          or not W.dtype.is_floating_point):  # bitsandbytes' own Parameter class
+    if W is not None and (type(W) is not nn.Parameter  # bitsandbytes' Params4bit, Int8Params
+                          or W.dtype.itemsize < 2 or not W.dtype.is_floating_point):  # int8, float8
         raise TypeError(f"{what} is a quantized layer: load the model unquantized, or {leave_out}")
     if not _is_linear(target):
         raise TypeError(f"{what} is not a linear layer (nn.Linear or Conv1D): {leave_out}")
@@ -458,7 +458,7 @@ TOL = 2e-5  # the estimated angle asked of the others, after Newton or inverse i
 MAX_ITERS = 8  # inverse-iteration steps before giving up for a full SVD
 
 def fast_triplets(W, idx):
-    """full_svd_triplets' (U, S, Vh, σmax) by the route above, and the name of its last step."""
+    """full_svd_triplets' (U, S, Vh, σmax) by the route above, and which check accepted them."""
     if W.shape[0] > W.shape[1]:  # the SVD of Wᵀ is W's with U and V swapped
         U, S, Vh, smax, route = fast_triplets(W.T, idx)
         return Vh.T, S, U.T, smax, route
@@ -472,7 +472,7 @@ def fast_triplets(W, idx):
 
 def _block_triplets(W, idx):
     m = W.shape[0]  # W is m×n, m ≤ n
-    if int(idx.max()) - int(idx.min()) >= m // 2:  # scattered picks ("random"): the block would be
+    if int(idx.max()) - int(idx.min()) >= m // 2:  # random's picks, or r > m/2: the block would be
         return (*full_svd_triplets(W, idx), "full svd")  # most of the spectrum, and save nothing
     h = m // 2  # eigh reads only the lower triangle of W Wᵀ: skip its top-right quarter
     gram = torch.cat([F.pad(W[:h] @ W[:h].T, (0, m - h)), W[h:] @ W.T])  # m×m
@@ -491,7 +491,7 @@ def _block_triplets(W, idx):
     Vh = Vh - (C.T @ W) / S.clamp_min(EPS * sigma[0])[:, None]  # and v follows, v = Wᵀu / σ
     nu, nv = U.norm(dim=0), Vh.norm(dim=1)
     U, S, Vh = U / nu, S * nv / nu, Vh / nv[:, None]  # unit vectors again
-    if angle <= MAX_ANGLE:
+    if angle <= MAX_ANGLE:  # Rayleigh–Ritz's estimate, and the Newton step on top
         return U, S, Vh, sigma[0], "rayleigh-ritz"
     if _check(W64, U, S, Vh, outside)[1] <= TOL:
         return U, S, Vh, sigma[0], "newton"

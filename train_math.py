@@ -175,14 +175,14 @@ def parse_args(argv):
     p.add_argument("--output_dir", default="out-math", help="adapter/, args.json, checkpoint-*/, merged/")
     p.add_argument("--save_steps", type=int, default=500, help="checkpoint every N steps (the last 2 are kept)")
     p.add_argument("--logging_steps", type=int, default=10, help="log the loss every N steps")
-    p.add_argument("--deepspeed", help="zero2 (the paper's), zero3, or a DeepSpeed config JSON; the batch, bf16 and "
-                   "clipping fields come from this script's flags (needs pip install deepspeed)")
+    p.add_argument("--deepspeed", help="zero2 (the paper's), zero3, or a DeepSpeed config JSON; its batch and bf16 "
+                   "fields come from this script's flags, clipping from Trainer's max_grad_norm, 1.0 (needs deepspeed)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-* in --output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output_dir (deletes it)")
     p.add_argument("--merge", action="store_true", help="also write output_dir/merged, a full merged model")
     p.add_argument("--seed", type=int, default=42, help="data order, dropout, LoRA's random A and random's triplets")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                   help="bf16 autocast (adapters stay float32); default: on with CUDA, off without")
+                   help="bf16 autocast (adapters stay float32); default: on with a CUDA device that has bf16")
     p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute activations in backward to save memory; default: on with CUDA, off without")
     p.add_argument("--eval_limit", type=int, default=64,
@@ -221,7 +221,7 @@ def target_list(text):
 
 DEEPSPEED = {"zero2": {"zero_optimization": {"stage": 2}}, "zero3": {"zero_optimization": {"stage": 3}}}
 SCRIPT_FIELDS = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-                 "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}  # Trainer fills them from the flags
+                 "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}  # Trainer fills them in
 
 def deepspeed_config(arg):
     """--deepspeed as a config dict: a stage by name, or a JSON file whose batch fields are unset or "auto"."""
@@ -243,7 +243,7 @@ def deepspeed_config(arg):
         fixed.append("bf16")
     if fixed:
         sys.exit(f"--deepspeed {arg} sets {', '.join(fixed)}: this script sets them from --batch_size, "
-                 f'--per_device_batch_size and --bf16; leave them out or "auto"')
+                 f'--per_device_batch_size and --bf16 (clipping: max_grad_norm, 1.0); leave them out or "auto"')
     return {**cfg, **SCRIPT_FIELDS, "bf16": {**cfg.get("bf16", {}), "enabled": "auto"},
             "zero_optimization": cfg.get("zero_optimization", {})}
 
@@ -347,7 +347,7 @@ def main(argv=None):
     if cuda and not zero3:  # decompose where it will train: no per-layer trips between CPU and GPU
         model.to(training_args.device)
     model.config.use_cache = False
-    with training_args.main_process_first():  # rank 0 tokenizes and caches, the others reuse its cache
+    with training_args.main_process_first():  # rank 0 first: from a hub or file dataset the others reuse its cache
         ds = ds.map(tokenize, fn_kwargs={"tok": tok, "max_len": args.max_len}, remove_columns=ds.column_names)
         ds = ds.filter(lambda r: any(l != -100 for l in r["labels"]))  # prompt longer than max_len: nothing to learn
     if len(ds) == 0:

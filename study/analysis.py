@@ -63,7 +63,8 @@ def delta_analysis(delta_w, w, r, generator=None):
 
 @torch.no_grad()
 def analysis(model, r, steps=None):
-    """delta_analysis of every adapted matrix: Table 7's figures for the middle layer's q_proj (the paper's
+    """delta_analysis of every adapted matrix, its adapter loaded onto the untouched model (load_adapter), so that
+    (α/r)·B A is its ΔW against the pretrained W: Table 7's figures for the middle layer's q_proj (the paper's
     choice, after Hu et al.) and down_proj (its Table 14); the amplification and φ averaged over every matrix and,
     as in Figure 2's right panel, over each module type; and each matrix's own figures under "layers".
     With `steps` (quantisation_steps of the checkpoint) it also places the chosen triplets against the rounding noise:
@@ -71,12 +72,15 @@ def analysis(model, r, steps=None):
     minor_over_noise, principal_over_noise: W's r-th smallest and r-th largest σ over it (the edges of MiLoRA's and
     PiSSA's r triplets); "noise_floor" holds their median over the layers of each module type."""
     layers = milora.adapter_layers(model)
+    if any(m.method in milora.SVD_METHODS for _, m in layers):  # applied in place: B A is not ΔW, W is the residual
+        raise ValueError("analysis needs the adapters loaded onto the untouched model: save_adapter, then load_adapter")
     depth = {n: int(m.group(1)) for n, _ in layers if (m := re.search(r"\.(\d+)\.", n))}
     middle = max(depth.values(), default=0) // 2  # index 15 (the 16th) of LLaMA2-7B's 32, 14 of SmolLM2's 30
     generator = torch.Generator().manual_seed(0)  # W's random triplets: the same in every run
     per = {}
     for n, m in tqdm(layers, desc="analysis", unit="matrix"):
-        per[n] = delta_analysis(m.delta_weight(torch.float64), m.base_layer.weight, r, generator=generator)
+        W = milora.linear_weight(m.base_layer)
+        per[n] = delta_analysis(m.delta_weight(torch.float64), W, r, generator=generator)
         if steps and n in steps:
             noise = math.sqrt(steps[n] ** 2 / 12) * math.sqrt(max(m.base_layer.weight.shape))
             per[n].update(noise_sigma=noise, minor_over_noise=per[n]["sigma_minor"] / noise,
@@ -344,7 +348,7 @@ def report(runs, out, plot_path):
     table, match, best = arms(rows), matched(rows), best_rates(rows, scoring["total"])
     pair = lambda v: dict(zip(("mean", "std", "seeds"), v)) if isinstance(v, tuple) else v
     for r in rows:
-        del r["verdicts"]  # 200 per run: best_rates' paired error has used them; the run files keep the completions
+        del r["verdicts"]  # one per scored problem: best_rates' paired error has used them; the run files keep the completions
     result = {"settings": settings, "scoring": scoring, "best_rates": best,
               "arms": {a: {k: pair(v) for k, v in t.items()} for a, t in table.items()},
               "matched_accuracy": {m: {str(l): pair(v) for l, v in c.items()} if isinstance(c, dict) else c

