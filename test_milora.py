@@ -62,14 +62,15 @@ def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def llama(hidden_size=64, num_hidden_layers=2, **kw):
-    """A small random Llama (seed it first): 4 heads, 2 KV heads, a vocabulary of 128."""
-    return LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=hidden_size, intermediate_size=96, num_attention_heads=4, num_hidden_layers=num_hidden_layers,
-            num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, **kw,
-        )
-    ).eval()
+LLAMA_LIKE = dict(  # a tiny Llama's sizes, which the other architectures' tiny configs share
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64,
+)
+
+
+def llama(**kw):
+    """A small random Llama (seed it first): 4 heads, 2 KV heads, a vocabulary of 128; kw overrides LLAMA_LIKE."""
+    return LlamaForCausalLM(LlamaConfig(**{**LLAMA_LIKE, **kw})).eval()
 
 
 def tiny_llama(dtype=torch.float32, seed=0):
@@ -105,9 +106,16 @@ def spectrum_matrix(out_f, in_f, seed=0, decay=0.97):
     return (U * S) @ V.T
 
 
+def logits_of(out):
+    """A model's output as one tensor: its logits, or an encoder's last hidden state (PlainGPT's is a tensor)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if "logits" in out else out.last_hidden_state
+
+
 def logits(model, ids):
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return logits_of(model(ids))
 
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -263,12 +271,6 @@ class PlainGPT(nn.Module):
         return idx
 
 
-LLAMA_LIKE = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64,
-)
-
-
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -278,7 +280,7 @@ def build(arch):
 
     torch.manual_seed(0)
     if arch == "llama":
-        model = T.LlamaForCausalLM(T.LlamaConfig(**LLAMA_LIKE))
+        model = llama()
     elif arch == "qwen2":  # q, k, v with bias
         model = T.Qwen2ForCausalLM(T.Qwen2Config(**LLAMA_LIKE))
     elif arch == "qwen3":
@@ -309,18 +311,6 @@ def build(arch):
     return model.eval()
 
 
-def logits_of(out):
-    """A model's output as one tensor: its logits, or an encoder's last hidden state."""
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if "logits" in out else out.last_hidden_state
-
-
-def output(model, ids):
-    with torch.no_grad():
-        return logits_of(model(ids))
-
-
 # Each architecture with the targets a user would name: the defaults where the model has them, else its own names or
 # "all-linear". What must happen with the defaults where they don't fit is in MODEL_REFUSALS.
 ARCHS = {
@@ -338,24 +328,23 @@ def adapt_train_save_load(arch, method, targets, path):
     model, and merge. -> the relative errors against the trained model's outputs, and the saved config."""
     from peft import PeftModel
 
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     base = build(arch)
-    before = output(base, ids)
+    before = logits(base, IDS)
     model = milora.apply_adapters(build(arch), method, r=R, target_modules=targets)
-    figures = {"layers": len(milora.adapter_layers(model)), "step 0": rel_err(output(model, ids), before)}
+    figures = {"layers": len(milora.adapter_layers(model)), "step 0": rel_err(logits(model, IDS), before)}
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     target = torch.randn(before.shape, generator=torch.Generator().manual_seed(2))  # a pull the adapters follow
     for _ in range(3):
-        (logits_of(model(ids)) - target).square().mean().backward()
+        (logits_of(model(IDS)) - target).square().mean().backward()
         opt.step()
         opt.zero_grad()
-    want = output(model.eval(), ids)
+    want = logits(model.eval(), IDS)
     figures["trained"] = rel_err(want, before)
     milora.save_adapter(model, path)
-    figures["peft"] = rel_err(output(PeftModel.from_pretrained(build(arch), path).eval(), ids), want)
-    figures["load_adapter"] = rel_err(output(milora.load_adapter(build(arch), path), ids), want)
-    figures["merge"] = rel_err(output(milora.merge_adapters(model), ids), want)
+    figures["peft"] = rel_err(logits(PeftModel.from_pretrained(build(arch), path).eval(), IDS), want)
+    figures["load_adapter"] = rel_err(logits(milora.load_adapter(build(arch), path), IDS), want)
+    figures["merge"] = rel_err(logits(milora.merge_adapters(model), IDS), want)
     assert not milora.adapter_layers(model)
     return figures, json.loads((path / "adapter_config.json").read_text())
 
@@ -1292,10 +1281,9 @@ class TestAnyModel:
                 if "lora_B" in n:
                     p.normal_(0, 0.05)
         theirs.save_pretrained(tmp_path)
-        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-        want = output(theirs.eval(), ids)
-        assert rel_err(want, output(build("gpt2"), ids)) > 1e-3
-        assert rel_err(output(milora.load_adapter(build("gpt2"), tmp_path), ids), want) < 1e-5
+        want = logits(theirs.eval(), IDS)
+        assert rel_err(want, logits(build("gpt2"), IDS)) > 1e-3
+        assert rel_err(logits(milora.load_adapter(build("gpt2"), tmp_path), IDS), want) < 1e-5
 
 
 class TestBadInput:

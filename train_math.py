@@ -300,10 +300,9 @@ def check_output_dir(args):
                  "Resume with the same ones, or start a new --output_dir")
     return earlier, checkpoint
 
-def training_arguments(args, world):
+def training_arguments(args, per_device, accumulation):
     """Trainer's arguments from the flags. The GPU configuration (bf16 autocast, activation checkpointing) is on by
     default with CUDA only, and either way can be forced, so that a CPU can run it too."""
-    per_device, accumulation = batch_layout(args.batch_size, args.per_device_batch_size, world)
     cuda = torch.cuda.is_available()
     bf16 = args.bf16 if args.bf16 is not None else cuda and torch.cuda.is_bf16_supported()
     checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else cuda
@@ -332,9 +331,9 @@ def start_run(args, earlier):
 def main(argv=None):
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    batch_layout(args.batch_size, args.per_device_batch_size, world)  # a batch it can't make: refused at once
+    per_device, accumulation = batch_layout(args.batch_size, args.per_device_batch_size, world)  # refused at once
     earlier, checkpoint = check_output_dir(args)
-    training_args = training_arguments(args, world)  # created first: under torchrun this sets up the process group
+    training_args = training_arguments(args, per_device, accumulation)  # first: it sets up torchrun's process group
     if training_args.world_size != world:
         sys.exit(f"WORLD_SIZE is {world} but Trainer set up {training_args.world_size} process(es)")
     zero3 = is_deepspeed_zero3_enabled()  # then from_pretrained splits every weight across the processes as it loads
