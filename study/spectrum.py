@@ -70,7 +70,7 @@ def main(argv=None):
     W = model.get_submodule(name).weight.detach()
     sigma = torch.linalg.svdvals(W.double())  # float64: the exact spectrum, down to its smallest σ
     steps = analysis.quantisation_steps(os.path.join(*eval_gsm8k.smollm2()))
-    noise = math.sqrt(steps[name] ** 2 / 12) * math.sqrt(max(W.shape))  # as analysis.analysis measures it
+    noise = analysis.noise_sigma(steps[name], W.shape)  # as analysis.analysis measures it
     title = (f"SmolLM2-135M-Instruct (Q4_1, dequantised), {name}: {W.shape[0]}×{W.shape[1]}, "
              f"σmin/σmax = {sigma[-1] / sigma[0]:.1e}")
     plot(sigma.tolist(), bands(len(sigma)), levels(float(sigma[0]), noise), title, args.out)
