@@ -132,6 +132,20 @@ def train_a_little(model, steps=3):
     return model.eval()
 
 
+def saved_by_peft(model, config, path, std=0.05):
+    """PEFT's adapter on `model`, saved to `path` with its B (LoRA) or D (MiSS) drawn from N(0, std²) first: PEFT starts
+    them at zero, and an adapter that does nothing would hide a loading bug. -> the PEFT model, in eval mode."""
+    from peft import get_peft_model
+
+    theirs = get_peft_model(model, config)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n or "miss_block" in n:
+                p.normal_(0, std)
+    theirs.save_pretrained(path)
+    return theirs.eval()
+
+
 def copy_run(src, dst, *names):
     for n in names:
         (shutil.copytree if os.path.isdir(os.path.join(src, n)) else shutil.copy)(os.path.join(src, n), dst / n)
@@ -973,7 +987,7 @@ class TestPeftParity:
 
     @pytest.mark.parametrize("kind", ["lora", "miss"])
     def test_loads_an_adapter_saved_by_peft(self, kind, tmp_path):
-        from peft import LoraConfig, MissConfig, get_peft_model
+        from peft import LoraConfig, MissConfig
 
         targets = ["q_proj", "down_proj"] if kind == "lora" else ["k_proj", "up_proj"]
         config = (
@@ -981,31 +995,19 @@ class TestPeftParity:
             if kind == "lora"
             else MissConfig(r=12, target_modules=targets)
         )  # 12 does not divide 64 or 96: PEFT's padding
-        theirs = get_peft_model(tiny_llama(), config)
-        with torch.no_grad():  # PEFT initialises B (LoRA) and D (MiSS) to zero: make the adapter do something
-            for n, p in theirs.named_parameters():
-                if "lora_B" in n or "miss_block" in n:
-                    p.normal_(0, 0.05)
-        theirs.save_pretrained(tmp_path)
+        theirs = saved_by_peft(tiny_llama(), config, tmp_path)
         ours = milora.load_adapter(tiny_llama(), tmp_path)
         layer_type = milora.LoraLinear if kind == "lora" else milora.MissLinear
         assert [type(m) for _, m in milora.adapter_layers(ours)] == [layer_type] * 4
-        torch.testing.assert_close(logits(ours, IDS), logits(theirs.eval(), IDS), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(ours, IDS), logits(theirs, IDS), atol=1e-5, rtol=1e-5)
 
     @pytest.mark.parametrize("use_rslora", [False, True])
     def test_loads_a_peft_lora_with_any_alpha_and_rslora(self, use_rslora, tmp_path):
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         # α = 5 is not 2r, and rsLoRA scales by α/√r instead of α/r: a loader that assumes either gets other outputs.
-        theirs = get_peft_model(
-            tiny_llama(), LoraConfig(r=R, lora_alpha=5, use_rslora=use_rslora, target_modules=TARGETS)
-        )
-        with torch.no_grad():
-            for n, p in theirs.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
-        theirs.save_pretrained(tmp_path)
-        want = logits(theirs.eval(), IDS)
+        config = LoraConfig(r=R, lora_alpha=5, use_rslora=use_rslora, target_modules=TARGETS)
+        want = logits(saved_by_peft(tiny_llama(), config, tmp_path, std=0.1), IDS)
         assert rel_err(want, logits(tiny_llama(), IDS)) > 1e-2  # the adapter does change the model
         ours = milora.load_adapter(tiny_llama(), tmp_path)
         assert ours.model.layers[0].mlp.up_proj.scaling == pytest.approx(5 / R**0.5 if use_rslora else 5 / R)
@@ -1271,17 +1273,10 @@ class TestAnyModel:
 
     def test_peft_lora_adapter_of_a_conv1d_model_loads_here(self, tmp_path):
         """PEFT saves LoRA on GPT-2's Conv1D with fan_in_fan_out; A (r×in) and B (out×r) are stored as for nn.Linear."""
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
-        theirs = get_peft_model(
-            build("gpt2"), LoraConfig(r=R, lora_alpha=16, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
-        )
-        with torch.no_grad():
-            for n, p in theirs.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
-        theirs.save_pretrained(tmp_path)
-        want = logits(theirs.eval(), IDS)
+        config = LoraConfig(r=R, lora_alpha=16, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+        want = logits(saved_by_peft(build("gpt2"), config, tmp_path), IDS)
         assert rel_err(want, logits(build("gpt2"), IDS)) > 1e-3
         assert rel_err(logits(milora.load_adapter(build("gpt2"), tmp_path), IDS), want) < 1e-5
 
